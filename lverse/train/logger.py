@@ -1,0 +1,83 @@
+"""Per-run logging: TensorBoard scalars and images, a metrics.jsonl file, PNG grids.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step, so scripts and
+tests can read a run's curves without TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+def to_uint8_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Image:
+    """(N,3,H,W) in [-1,1] → one PIL grid image (white padding)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    nrow = max(1, min(nrow, n))
+    rows = -(-n // nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y0 : y0 + h, x0 : x0 + w] = x[i]
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_uint8_grid(images, nrow).save(path)
+    return path
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(self.dir / "tb"))
+                except ImportError:  # tensorboard is a dependency, but never make logging fatal
+                    self.writer = None
+            self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        if self.writer is not None:
+            for k, v in clean.items():
+                self.writer.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+
+    def images(self, step: int, name: str, images: torch.Tensor, nrow: int = 8) -> Path | None:
+        if not self.enabled:
+            return None
+        path = save_grid(images, self.dir / "images" / f"{name}_{step:07d}.png", nrow)
+        if self.writer is not None:
+            grid = torch.from_numpy(__import__("numpy").asarray(Image.open(path))).permute(2, 0, 1)
+            self.writer.add_image(name, grid, step)
+        return path
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.writer is not None:
+                self.writer.close()
+            self._jsonl.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

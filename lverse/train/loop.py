@@ -1,0 +1,389 @@
+"""The one training loop both stages use.
+
+A stage supplies a :class:`Task` (its model, loss, data and pictures); the :class:`Trainer`
+does everything else, the same way for AugVAE and BiART:
+
+* one process per device under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU), or a single process;
+* precision (fp32 / bf16 / fp16 / fp16-o2, see :mod:`lverse.train.precision`);
+* gradient accumulation with no all-reduce on the non-final micro-steps;
+* AdamW with the papers' learning-rate rule (``base_lr × global batch``) and plateau halving;
+* a run directory with the resolved config, TensorBoard scalars, ``metrics.jsonl``, image grids;
+* checkpoints every ``ckpt_every`` steps, on SIGINT/SIGTERM and on a crash, and an exact
+  ``resume``: model, optimizer, schedule, precision state, RNG states and the data position.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import dump_yaml
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
+from .logger import RunLogger
+from .precision import build_precision
+from .sampler import ResumableSampler
+from .schedule import PlateauHalving
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = ""                 # "" → runs/<name>
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"           # fp32 | bf16 | fp16 | fp16-o2
+    batch_size: int = 8               # per process (per GPU)
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 0.0                   # absolute learning rate; 0 → base_lr × global batch
+    base_lr: float = 4.5e-6           # the papers' rule: lr = base_lr × global batch size
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-5
+    grad_clip: float = 0.0            # 0 = no clipping (the norm is still logged)
+    warmup_steps: int = 0
+    plateau_window: int = 500         # steps per loss window for plateau detection
+    plateau_patience: int = 3         # windows without improvement before halving; 0 = never halve
+    plateau_threshold: float = 1e-3
+    min_lr: float = 0.0
+    log_every: int = 50
+    image_every: int = 500
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    num_workers: int = 2
+    compile: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * self.grad_accum * world_size
+
+    def resolved_lr(self, world_size: int) -> float:
+        return self.lr if self.lr > 0 else self.base_lr * self.global_batch(world_size)
+
+
+class Task:
+    """What a stage plugs into the trainer. Subclasses set ``self.model`` in ``__init__``."""
+
+    model: nn.Module
+
+    def model_meta(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        return torch.utils.data.default_collate(items)
+
+    def prepare(self, device: torch.device) -> None:
+        """Move non-trained helpers (e.g. the LPIPS network) to the device."""
+
+    def training_step(self, model: nn.Module, batch: Any, step: int, autocast: Callable) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the loss to backpropagate and scalars to log. ``model`` may be DDP-wrapped."""
+        raise NotImplementedError
+
+    def periodic_logs(self) -> dict[str, float]:
+        """Extra scalars at log time (e.g. codebook health), already reduced over ranks."""
+        return {}
+
+    @torch.no_grad()
+    def visualize(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        """Image grids to log, name → (N,3,H,W) in [-1, 1]."""
+        return {}
+
+    def extra_files(self) -> dict[str, str]:
+        """Text files saved with every checkpoint (e.g. a tokenizer)."""
+        return {}
+
+    def batch_size_of(self, batch: Any) -> int:
+        if isinstance(batch, dict):
+            for v in batch.values():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    return v.shape[0]
+        if isinstance(batch, torch.Tensor):
+            return batch.shape[0]
+        return 1
+
+
+class StopRequested(Exception):
+    pass
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        task_factory: Callable[[], Task],
+        full_config: Any = None,
+        resume: str | Path | None = None,
+        dist_info: DistInfo | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.info = dist_info or init_distributed(cfg.device)
+        self.run_dir = Path(cfg.run_dir or Path("runs") / cfg.name)
+        self.full_config = full_config
+        self.resume = resume
+        self._stop_signal: int | None = None
+        torch.manual_seed(cfg.seed + self.info.rank)  # model init is broadcast by DDP; dropout may differ per rank
+        self.task = task_factory()
+
+    # ------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> list[tuple[int, Any]]:
+        old = []
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            self._stop_signal = signum
+            if self.info.is_main:
+                print(f"\n[lverse] signal {signum}: checkpointing at the end of this step ...", file=sys.stderr, flush=True)
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old.append((s, signal.signal(s, handler)))
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return old
+
+    def _resolve_resume(self) -> Path | None:
+        if self.resume is None:
+            return None
+        p = Path(self.resume)
+        if (p / "state.pt").is_file():
+            return p
+        latest = CheckpointManager(p if (p / "checkpoints").is_dir() else self.run_dir).latest()
+        if latest is None:
+            raise FileNotFoundError(f"--resume {p}: no checkpoint found (looked for {p}/checkpoints/latest)")
+        return latest
+
+    def _save(self, ckpt: CheckpointManager, step: int, extra_state: dict[str, Any], collective: bool = True) -> Path | None:
+        rngs = [rng_state()]
+        if collective and self.info.distributed:
+            gathered: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        path = None
+        if self.info.is_main:
+            state = {
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "precision": self.precision.state_dict(),
+                "rng": rngs,
+                "world_size": self.info.world_size,
+                **extra_state,
+            }
+            path = ckpt.save(
+                step,
+                self.precision.model_state_dict(self.task.model),
+                self.task.model_meta(),
+                state,
+                self.task.extra_files(),
+            )
+        if collective:
+            barrier()
+        return path
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, info, task = self.cfg, self.info, self.task
+        device = info.device
+        logger = RunLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
+        if info.is_main and self.full_config is not None:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.full_config))
+        ckpt = CheckpointManager(self.run_dir, cfg.keep_last)
+
+        resume_from = self._resolve_resume()
+        train_state: dict[str, Any] | None = None
+        if resume_from is not None:
+            model_state, _, train_state = CheckpointManager.load(resume_from)
+            missing, unexpected = task.model.load_state_dict(model_state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"{resume_from}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            if train_state.get("world_size", info.world_size) != info.world_size and info.is_main:
+                print(f"[lverse] resuming a {train_state['world_size']}-process run on {info.world_size}: data order will differ", file=sys.stderr)
+
+        task.model.to(device)
+        task.prepare(device)
+        self.precision = build_precision(cfg.precision, device)
+        self.precision.prepare_model(task.model)
+        model: nn.Module = task.model
+        if info.distributed:
+            # broadcast_buffers=False: the quantizer keeps its EMA codebook in sync by all-reducing
+            # its statistics; a broadcast from rank 0 would hide a missing all-reduce.
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        if cfg.compile:
+            model = torch.compile(model)
+
+        lr = cfg.resolved_lr(info.world_size)
+        self.optimizer = self.precision.build_optimizer(task.param_groups(cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.schedule = PlateauHalving(
+            lr, cfg.plateau_window, cfg.plateau_patience, 0.5, cfg.plateau_threshold, cfg.min_lr, cfg.warmup_steps
+        )
+
+        step, epoch, pos = 0, 0, 0
+        skipped_items = 0
+        if train_state is not None:
+            self.optimizer.load_state_dict(train_state["optimizer"])
+            self.schedule.load_state_dict(train_state["schedule"])
+            self.precision.load_state_dict(train_state["precision"])
+            if hasattr(self.precision, "load_master_from_model_state"):
+                self.precision.load_master_from_model_state(model_state, task.model)  # type: ignore[attr-defined]
+            step, epoch, pos = train_state["step"], train_state["epoch"], train_state["pos"]
+            skipped_items = train_state.get("skipped_items", 0)
+            rngs = train_state["rng"]
+            set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+            if info.is_main:
+                print(f"[lverse] resumed from {resume_from} at step {step}", file=sys.stderr)
+
+        dataset = task.train_dataset()
+        sampler = ResumableSampler(len(dataset), info.rank, info.world_size, cfg.seed)  # type: ignore[arg-type]
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            collate_fn=task.collate,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            # a private generator: creating a loader iterator must not consume the global RNG,
+            # or a resumed run would see different dropout than an unbroken one
+            generator=torch.Generator(),
+        )
+        if len(loader) == 0 and sampler.per_rank < cfg.batch_size:
+            raise ValueError(f"dataset has {len(dataset)} items: too few for batch size {cfg.batch_size} × {info.world_size} processes")
+
+        def batches() -> Iterator[Any]:
+            nonlocal epoch, pos
+            while True:
+                sampler.set_epoch(epoch, pos)
+                for b in loader:
+                    pos += cfg.batch_size
+                    yield b
+                epoch, pos = epoch + 1, 0
+
+        old_handlers = self._install_signal_handlers()
+        bar = None
+        if cfg.progress and info.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, dynamic_ncols=True)
+        data_iter = batches()
+        last_saved = step
+        window: dict[str, float] = {}
+        window_n = 0
+        t_last, samples_since = time.time(), 0
+        result: dict[str, Any] = {}
+        try:
+            while step < cfg.max_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.schedule.lr_at(step)
+                logs_acc: dict[str, float] = {}
+                n_micro = 0
+                while n_micro < cfg.grad_accum:
+                    batch = next(data_iter)
+                    if isinstance(batch, dict) and "skipped" in batch:
+                        skipped_items += int(batch["skipped"])
+                    if task.batch_size_of(batch) == 0:
+                        continue
+                    last = n_micro == cfg.grad_accum - 1
+                    sync = contextlib.nullcontext() if (last or not info.distributed) else model.no_sync()  # type: ignore[operator]
+                    with sync:
+                        loss, logs = task.training_step(model, batch, step, self.precision.autocast)
+                        self.precision.backward(loss / cfg.grad_accum)
+                    for k, v in logs.items():
+                        logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.grad_accum
+                    samples_since += task.batch_size_of(batch)
+                    n_micro += 1
+                stepped, gnorm = self.precision.step(self.optimizer, cfg.grad_clip)
+                step += 1
+                loss_val = logs_acc.get("loss", float("nan"))
+                if not math.isfinite(loss_val) and stepped:
+                    raise FloatingPointError(f"loss is {loss_val} at step {step} with precision {cfg.precision}")
+                for k, v in logs_acc.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                # plateau decisions use the rank-averaged loss so every rank halves together
+                mean_loss = all_reduce_mean({"l": loss_val}, device)["l"] if info.distributed else loss_val
+                if self.schedule.observe(mean_loss) and info.is_main:
+                    print(f"[lverse] loss plateaued: learning rate halved to {self.schedule.lr:.3g} at step {step}", file=sys.stderr)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_val:.4f}")
+
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    scalars = all_reduce_mean({k: v / window_n for k, v in window.items()}, device)
+                    dt = max(time.time() - t_last, 1e-9)
+                    scalars.update(task.periodic_logs())
+                    scalars.update(
+                        {
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "grad_norm": gnorm,
+                            "samples_per_s": samples_since * info.world_size / dt,
+                            "loss_scale": self.precision.scale,
+                            "skipped_steps": self.precision.skipped_steps,
+                            "data/skipped_items": skipped_items,
+                            "epoch": epoch,
+                        }
+                    )
+                    logger.scalars(step, scalars)
+                    window, window_n, t_last, samples_since = {}, 0, time.time(), 0
+                if cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps) and info.is_main:
+                    _unwrap(model).eval()
+                    for name, imgs in task.visualize(_unwrap(model), step).items():
+                        logger.images(step, name, imgs)
+                    _unwrap(model).train()
+
+                stop = any_rank(self._stop_signal is not None, device)
+                if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
+                    self._save(ckpt, step, {"epoch": epoch, "pos": pos, "skipped_items": skipped_items})
+                    last_saved = step
+                if stop:
+                    raise StopRequested()
+            result = {"step": step, "stopped": False}
+        except StopRequested:
+            if info.is_main:
+                print(f"[lverse] stopped at step {step}; checkpoint in {ckpt.dir}. Resume with --resume {self.run_dir}", file=sys.stderr)
+            result = {"step": step, "stopped": True}
+        except BaseException:
+            # Save what we have: the weights are those of the last completed optimizer step.
+            if step > last_saved:
+                try:
+                    p = self._save(ckpt, step, {"epoch": epoch, "pos": pos, "skipped_items": skipped_items}, collective=False)
+                    if p is not None:
+                        print(f"[lverse] crashed at step {step}; checkpoint written to {p}", file=sys.stderr)
+                except Exception as e:  # never hide the original error
+                    print(f"[lverse] could not write a crash checkpoint: {e}", file=sys.stderr)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in old_handlers:
+                signal.signal(s, h)
+            logger.close()
+        result["run_dir"] = str(self.run_dir)
+        result["skipped_items"] = skipped_items
+        return result

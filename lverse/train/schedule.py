@@ -1,0 +1,74 @@
+"""Learning-rate schedule: the papers' "halve the learning rate when the loss plateaus".
+
+The training loss is averaged over windows of ``window`` steps (already averaged over ranks by
+the caller, so every rank takes the same decision). When ``patience`` windows in a row fail to
+improve on the best window by a relative ``threshold``, the learning rate is multiplied by
+``factor`` (0.5), down to ``min_lr``. An optional linear warm-up precedes it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class PlateauHalving:
+    def __init__(
+        self,
+        base_lr: float,
+        window: int = 500,
+        patience: int = 3,
+        factor: float = 0.5,
+        threshold: float = 1e-3,
+        min_lr: float = 0.0,
+        warmup_steps: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        self.base_lr = base_lr
+        self.window = max(1, window)
+        self.patience = patience
+        self.factor = factor
+        self.threshold = threshold
+        self.min_lr = min_lr
+        self.warmup_steps = warmup_steps
+        self.enabled = enabled and patience > 0
+        self.lr = base_lr
+        self.best = math.inf
+        self.bad_windows = 0
+        self.halvings = 0
+        self._sum = 0.0
+        self._n = 0
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr
+
+    def observe(self, loss: float) -> bool:
+        """Record one step's loss; returns True when the learning rate was just halved."""
+        if not self.enabled or not math.isfinite(loss):
+            return False
+        self._sum += loss
+        self._n += 1
+        if self._n < self.window:
+            return False
+        mean = self._sum / self._n
+        self._sum, self._n = 0.0, 0
+        if mean < self.best * (1 - self.threshold):
+            self.best = mean
+            self.bad_windows = 0
+            return False
+        self.bad_windows += 1
+        if self.bad_windows >= self.patience and self.lr * self.factor >= self.min_lr:
+            self.lr *= self.factor
+            self.halvings += 1
+            self.bad_windows = 0
+            self.best = mean
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("lr", "best", "bad_windows", "halvings", "_sum", "_n")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Source me: creates (once) and activates the project's virtual environment with every dependency.
+# Pins for our machines and CI come from constraints.txt; setup.py keeps open ranges for users.
+# LVERSE_VENV overrides the location (default: .venv in the repository).
+set -euo pipefail
+LVERSE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LVERSE_VENV="${LVERSE_VENV:-$LVERSE_ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$LVERSE_VENV/bin/python" ]; then
+  echo "[lverse] creating virtual environment in $LVERSE_VENV" >&2
+  "$PYTHON" -m venv "$LVERSE_VENV"
+fi
+# Reinstall only when setup.py or constraints.txt changed since the last install.
+stamp="$LVERSE_VENV/.lverse-installed"
+want="$(cat "$LVERSE_ROOT/setup.py" "$LVERSE_ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[lverse] installing lverse and its dependencies (first run takes a few minutes)" >&2
+  "$LVERSE_VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+  "$LVERSE_VENV/bin/python" -m pip install --quiet -c "$LVERSE_ROOT/constraints.txt" -e "$LVERSE_ROOT[test]" >&2
+  echo "$want" > "$stamp"
+fi
+export PATH="$LVERSE_VENV/bin:$PATH"
+export PYTHONUNBUFFERED=1
+cd "$LVERSE_ROOT"

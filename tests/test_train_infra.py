@@ -1,0 +1,186 @@
+"""The shared training infrastructure: configs, sampler, schedule, checkpoints, precision."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lverse.config import ConfigError, dump_yaml, load_config, parse_overrides
+from lverse.io import load_weights, save_weights
+from lverse.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from lverse.train.loop import TrainConfig
+from lverse.train.precision import FP16O2, build_precision
+from lverse.train.sampler import ResumableSampler
+from lverse.train.schedule import PlateauHalving
+
+
+@dataclass
+class _Inner:
+    width: int = 4
+    mult: tuple[int, ...] = (1, 2)
+    name: str = "x"
+
+
+@dataclass
+class _Outer:
+    model: _Inner = field(default_factory=_Inner)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    note: str | None = None
+
+
+def test_config_yaml_overrides_and_errors(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  width: 8\n  mult: [1, 2, 4]\ntrain:\n  lr: 1e-4\n  betas: [0.9, 0.95]\n")
+    cfg = load_config(_Outer, p, ["model.name=y", "train.max_steps=7"])
+    assert cfg.model.width == 8 and cfg.model.mult == (1, 2, 4) and cfg.model.name == "y"
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.betas == (0.9, 0.95) and cfg.train.max_steps == 7
+    # the resolved config round-trips through YAML
+    p2 = tmp_path / "resolved.yaml"
+    p2.write_text(dump_yaml(cfg))
+    assert load_config(_Outer, p2) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(_Outer, p, ["model.widht=3"])
+    with pytest.raises(ConfigError, match="integer"):
+        load_config(_Outer, p, ["model.width=abc"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(_Outer, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError):
+        parse_overrides(["no_equals_sign"])
+
+
+def test_sampler_shards_cover_and_resume() -> None:
+    n, world = 10, 3
+    shards = [list(ResumableSampler(n, r, world, seed=1)) for r in range(world)]
+    assert all(len(s) == 4 for s in shards)  # 10 items over 3 ranks: padded to 12
+    idx = [i for s in shards for i, _ in s]
+    assert set(idx) == set(range(n))
+    seeds = [sd for s in shards for _, sd in s]
+    assert len(set(seeds)) == len(seeds)  # every position gets its own augmentation seed
+    # resuming part-way through an epoch yields exactly the rest of that epoch
+    s = ResumableSampler(n, 1, world, seed=1)
+    s.set_epoch(0, start=2)
+    assert list(s) == shards[1][2:]
+    # epochs differ, and are reproducible
+    a, b = ResumableSampler(n, seed=1), ResumableSampler(n, seed=1)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b) != list(ResumableSampler(n, seed=1))
+
+
+def test_plateau_halving() -> None:
+    s = PlateauHalving(1.0, window=2, patience=2)
+    for loss in [5, 5, 4, 4]:  # improving
+        assert not s.observe(loss)
+    halved = [s.observe(x) for x in [4, 4, 4, 4]]  # two flat windows → halve once
+    assert halved == [False, False, False, True] and s.lr == 0.5
+    t = PlateauHalving(1.0, window=2, patience=2)
+    t.load_state_dict(s.state_dict())
+    assert t.lr == 0.5 and t.halvings == 1
+    off = PlateauHalving(1.0, window=1, patience=0)
+    assert not any(off.observe(1.0) for _ in range(10)) and off.lr == 1.0
+
+
+def test_checkpoint_roundtrip_keep_last_and_rng(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    model = nn.Linear(3, 2)
+    torch.manual_seed(0)
+    rs = rng_state()
+    expected = torch.rand(4)
+    for step in (10, 20, 30):
+        mgr.save(step, model.state_dict(), {"kind": "linear"}, {"step": step, "rng": rs, "nested": {"a": [1, 2]}})
+    dirs = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert dirs == ["step_0000020", "step_0000030"]
+    assert mgr.latest().name == "step_0000030"
+    state, meta, train = CheckpointManager.load(mgr.latest())
+    assert meta == {"kind": "linear"} and train["step"] == 30 and train["nested"] == {"a": [1, 2]}
+    assert torch.equal(state["weight"], model.weight)
+    set_rng_state(train["rng"])
+    assert torch.equal(torch.rand(4), expected)
+    # the weights file alone is loadable for inference
+    w, cfg = load_weights(mgr.latest() / "model.safetensors")
+    assert cfg["kind"] == "linear" and torch.equal(w["bias"], model.bias)
+
+
+def test_save_weights_handles_shared_tensors(tmp_path: Path) -> None:
+    t = torch.randn(4)
+    save_weights(tmp_path / "w.safetensors", {"a": t, "b": t}, {"x": 1})
+    w, cfg = load_weights(tmp_path / "w.safetensors")
+    assert torch.equal(w["a"], w["b"]) and cfg == {"x": 1}
+    with pytest.raises(FileNotFoundError):
+        load_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_weights(tmp_path / "bad.safetensors")
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.norm.keep_fp32 = True  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x.to(self.fc.weight.dtype))
+        return self.norm(h.float())
+
+
+def test_fp16_o2_master_weights_overflow_and_growth() -> None:
+    torch.manual_seed(0)
+    net = _Net()
+    fp32_before = net.fc.weight.detach().clone()
+    prec = build_precision("fp16-o2", torch.device("cpu"))
+    assert isinstance(prec, FP16O2)
+    prec.growth_interval = 2
+    prec.prepare_model(net)
+    assert net.fc.weight.dtype == torch.float16 and net.norm.weight.dtype == torch.float32
+    opt = prec.build_optimizer([{"params": list(net.parameters())}], lr=1e-2)
+    masters = [p for g in opt.param_groups for p in g["params"]]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert torch.equal(masters[0], fp32_before)  # masters are the unrounded fp32 weights
+
+    x = torch.randn(8, 4)
+    scale0 = prec.scale
+    prec.backward(net(x).pow(2).mean())
+    stepped, _ = prec.step(opt, grad_clip=1.0)
+    assert stepped and prec.scale == scale0
+    # the fp16 model weight is the master rounded to fp16
+    assert torch.equal(net.fc.weight, masters[0].half())
+    # checkpoints hold the fp32 masters, not the fp16 copies
+    sd = prec.model_state_dict(net)
+    assert sd["fc.weight"].dtype == torch.float32 and torch.equal(sd["fc.weight"], masters[0])
+
+    # an injected overflow: the step is skipped, weights untouched, scale halved
+    before = [m.detach().clone() for m in masters]
+    prec.backward(net(x).pow(2).mean())
+    net.fc.weight.grad[0, 0] = float("inf")
+    stepped, _ = prec.step(opt, grad_clip=1.0)
+    assert not stepped and prec.skipped_steps == 1 and prec.scale == scale0 / 2
+    assert all(torch.equal(a, b) for a, b in zip(before, masters))
+    assert all(p.grad is None for p in net.parameters())
+    # clean steps grow the scale back after growth_interval of them
+    for _ in range(2):
+        prec.backward(net(x).pow(2).mean())
+        assert prec.step(opt, grad_clip=1.0)[0]
+    assert prec.scale == scale0
+    state = prec.state_dict()
+    other = FP16O2(torch.device("cpu"))
+    other.load_state_dict(state)
+    assert other.scale == prec.scale and other.skipped_steps == 1
+
+
+def test_fp16_o2_requires_prepare_and_rejects_unknown() -> None:
+    with pytest.raises(RuntimeError, match="prepare_model"):
+        FP16O2(torch.device("cpu")).build_optimizer([{"params": [nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    with pytest.raises(ValueError, match="precision"):
+        build_precision("fp8", torch.device("cpu"))
+
+
+def test_lr_rule() -> None:
+    t = TrainConfig(batch_size=8, grad_accum=2, base_lr=4.5e-6)
+    assert t.resolved_lr(world_size=4) == pytest.approx(4.5e-6 * 64)
+    t.lr = 1e-3
+    assert t.resolved_lr(4) == 1e-3
