@@ -23,7 +23,6 @@ setup(
         "ftfy>=6.1",
         "regex>=2022.1.18",
         "open_clip_torch>=2.20",
-        "webdataset>=0.2.80",
         "scipy>=1.9",
     ],
     extras_require={"test": ["pytest>=7"]},

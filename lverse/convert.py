@@ -33,6 +33,17 @@ from torch import Tensor
 from lverse.models.augvae import AugVAE, AugVAEConfig
 
 
+def _load_error_reason(e: Exception) -> str:
+    """The informative part of a torch.load error (torch's own text suggests weights_only=False,
+    which is exactly what must not be done with an untrusted file)."""
+    msg = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in msg:
+        msg = msg.split(marker, 1)[1].split("Check the documentation", 1)[0]
+    reason = " ".join(msg.split())
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
 def load_official_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read an official AugVAE Lightning checkpoint safely.
 
@@ -47,7 +58,9 @@ def load_official_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[
     except Exception as e:  # UnpicklingError, RuntimeError (not a zip/pickle), ...
         raise ValueError(
             f"{path}: not a PyTorch Lightning checkpoint of the official AugVAE layout "
-            f"(torch.load with weights_only=True failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"(safe torch.load failed: {_load_error_reason(e)}). Such files hold only tensors, "
+            f"plain containers and an argparse.Namespace; do not load untrusted files with "
+            f"weights_only=False."
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(

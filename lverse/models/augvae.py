@@ -388,6 +388,7 @@ class AugVAE(nn.Module):
                 f"AugVAE.decode: token ids must be in [0, {self.cfg.codebook_size}), got "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
             )
+        tokens = tokens.to(self.quantizer.embedding.device)
         quants: list[Tensor] = []
         start = 0
         for h, w in self.token_grids:

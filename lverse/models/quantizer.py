@@ -63,8 +63,10 @@ class EMAVectorQuantizer(nn.Module):
             ``torch.distributed`` is initialised. Leave on; ``False`` exists to show what goes
             wrong without it.
 
-    Buffers (all fp32): ``embedding`` (N, D), ``cluster_size`` (N,), ``embed_avg`` (N, D); plus
-    the non-persistent ``usage_counts`` (N,, int64) behind :meth:`stats`.
+    Buffers (all fp32): ``embedding`` (N, D), ``cluster_size`` (N,), ``embed_avg`` (N, D). The
+    usage counts behind :meth:`stats` are a plain tensor attribute, not a buffer: they are
+    per-rank until :meth:`stats` sums them, and DDP's default per-forward buffer broadcast
+    would otherwise overwrite them with rank 0's.
 
     Attribute ``update`` (default True): EMA updates happen only when ``self.training and
     self.update``; eval mode never updates.
@@ -73,7 +75,6 @@ class EMAVectorQuantizer(nn.Module):
     embedding: Tensor
     cluster_size: Tensor
     embed_avg: Tensor
-    usage_counts: Tensor
 
     # Rows of the (rows x N) distance matrix computed at once: bounds peak memory to ~256 MB of
     # fp32 distances (AugVAE-ML's 64x64 level at batch 8 would otherwise need 1 GB).
@@ -110,7 +111,7 @@ class EMAVectorQuantizer(nn.Module):
         self.register_buffer("embedding", embed)
         self.register_buffer("cluster_size", torch.ones(num_codes, dtype=torch.float32))
         self.register_buffer("embed_avg", embed.clone())
-        self.register_buffer("usage_counts", torch.zeros(num_codes, dtype=torch.long), persistent=False)
+        self.usage_counts = torch.zeros(num_codes, dtype=torch.long)  # since the last reset
 
     def extra_repr(self) -> str:
         return (
@@ -193,7 +194,10 @@ class EMAVectorQuantizer(nn.Module):
             idxs.append(idx)
         with torch.no_grad():
             all_idx = torch.cat(idxs) if len(idxs) > 1 else idxs[0]
-            self.usage_counts += torch.bincount(all_idx, minlength=self.num_codes)
+            counts = torch.bincount(all_idx, minlength=self.num_codes)
+            if self.usage_counts.device != counts.device:
+                self.usage_counts = self.usage_counts.to(counts.device)
+            self.usage_counts += counts
             if do_update:
                 all_flat = torch.cat(flats) if len(flats) > 1 else flats[0]
                 self._ema_update(all_flat, all_idx)
@@ -249,7 +253,7 @@ class EMAVectorQuantizer(nn.Module):
         entropy of the code distribution; N means perfectly uniform use), ``dead_codes``
         (codes never used), ``used_codes``, ``tokens`` (vectors quantized) and
         ``restarted_codes``. Under DDP this is a collective: every rank must call it."""
-        counts = self.usage_counts.clone()
+        counts = self.usage_counts.to(self.embedding.device, copy=True)
         restarted = self.restarted_codes
         if self.sync_distributed and _dist_active():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -261,7 +265,7 @@ class EMAVectorQuantizer(nn.Module):
         else:
             perplexity = 0.0
         if reset:
-            self.usage_counts.zero_()
+            self.usage_counts = torch.zeros_like(counts)
             self.restarted_codes = 0
         return {
             "usage": used / self.num_codes,

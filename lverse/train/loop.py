@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..config import dump_yaml
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -259,29 +259,48 @@ class Trainer:
                 print(f"[lverse] resumed from {resume_from} at step {step}", file=sys.stderr)
 
         dataset = task.train_dataset()
-        sampler = ResumableSampler(len(dataset), info.rank, info.world_size, cfg.seed)  # type: ignore[arg-type]
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            collate_fn=task.collate,
-            num_workers=cfg.num_workers,
-            drop_last=True,
-            pin_memory=device.type == "cuda",
-            # a private generator: creating a loader iterator must not consume the global RNG,
-            # or a resumed run would see different dropout than an unbroken one
-            generator=torch.Generator(),
-        )
-        if len(loader) == 0 and sampler.per_rank < cfg.batch_size:
-            raise ValueError(f"dataset has {len(dataset)} items: too few for batch size {cfg.batch_size} × {info.world_size} processes")
+        if isinstance(dataset, IterableDataset):
+            # Streams (tar shards) shard themselves over ranks and workers; exact resume is by
+            # skipping the batches of the current epoch already consumed.
+            sampler = None
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=task.collate, num_workers=cfg.num_workers,
+                                drop_last=True, pin_memory=device.type == "cuda", generator=torch.Generator())
+        else:
+            sampler = ResumableSampler(len(dataset), info.rank, info.world_size, cfg.seed)  # type: ignore[arg-type]
+            if sampler.per_rank < cfg.batch_size:
+                raise ValueError(f"dataset has {len(dataset)} items: too few for batch size {cfg.batch_size} × {info.world_size} processes")
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                sampler=sampler,
+                collate_fn=task.collate,
+                num_workers=cfg.num_workers,
+                drop_last=True,
+                pin_memory=device.type == "cuda",
+                # a private generator: creating a loader iterator must not consume the global RNG,
+                # or a resumed run would see different dropout than an unbroken one
+                generator=torch.Generator(),
+            )
 
         def batches() -> Iterator[Any]:
             nonlocal epoch, pos
             while True:
-                sampler.set_epoch(epoch, pos)
+                skip = 0
+                if sampler is not None:
+                    sampler.set_epoch(epoch, pos)
+                else:
+                    if hasattr(dataset, "set_epoch"):
+                        dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+                    skip = pos // cfg.batch_size
+                n = 0
                 for b in loader:
+                    n += 1
+                    if n <= skip:
+                        continue
                     pos += cfg.batch_size
                     yield b
+                if n == 0:
+                    raise ValueError("the training data yielded no batch in a whole epoch (empty data set, or all items unreadable)")
                 epoch, pos = epoch + 1, 0
 
         old_handlers = self._install_signal_handlers()
@@ -292,8 +311,9 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, dynamic_ncols=True)
         data_iter = batches()
         last_saved = step
+        # per-key sums and counts: some scalars appear only on some steps (e.g. per-direction NLLs)
         window: dict[str, float] = {}
-        window_n = 0
+        window_n: dict[str, int] = {}
         t_last, samples_since = time.time(), 0
         result: dict[str, Any] = {}
         try:
@@ -325,7 +345,7 @@ class Trainer:
                     raise FloatingPointError(f"loss is {loss_val} at step {step} with precision {cfg.precision}")
                 for k, v in logs_acc.items():
                     window[k] = window.get(k, 0.0) + v
-                window_n += 1
+                    window_n[k] = window_n.get(k, 0) + 1
                 # plateau decisions use the rank-averaged loss so every rank halves together
                 mean_loss = all_reduce_mean({"l": loss_val}, device)["l"] if info.distributed else loss_val
                 if self.schedule.observe(mean_loss) and info.is_main:
@@ -335,7 +355,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_val:.4f}")
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    scalars = all_reduce_mean({k: v / window_n for k, v in window.items()}, device)
+                    scalars = all_reduce_mean({k: v / window_n[k] for k, v in window.items()}, device)
                     dt = max(time.time() - t_last, 1e-9)
                     scalars.update(task.periodic_logs())
                     scalars.update(
@@ -350,7 +370,7 @@ class Trainer:
                         }
                     )
                     logger.scalars(step, scalars)
-                    window, window_n, t_last, samples_since = {}, 0, time.time(), 0
+                    window, window_n, t_last, samples_since = {}, {}, time.time(), 0
                 if cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps) and info.is_main:
                     _unwrap(model).eval()
                     for name, imgs in task.visualize(_unwrap(model), step).items():

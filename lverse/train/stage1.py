@@ -87,6 +87,9 @@ def _image_dataset(cfg: ImageDataConfig, train: bool, path: str = "") -> Any:
     root = path or cfg.path
     if not root:
         raise ConfigError(f"data.kind={cfg.kind} needs data.path")
+    if cfg.kind == "tar" and train:
+        # an endless stream: ranks never run out at different times (which would hang DDP)
+        return build_image_dataset("tar", root=root, resolution=cfg.resolution, train=True, repeat=True)
     return build_image_dataset(cfg.kind, root=root, resolution=cfg.resolution, train=train)
 
 

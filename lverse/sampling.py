@@ -1,0 +1,432 @@
+"""Autoregressive decoding for BiART, both directions from one checkpoint.
+
+Text -> image: the prompt is ``[SOC] text [SOI]`` and ``image_len`` image codes follow.
+Image -> text: the prompt is ``[SOI] image [SOC]`` and up to ``max_text_tokens`` caption
+tokens follow (the paper samples 32 of the 64 text slots, L-Verse section 3.6).
+
+How a batch is decoded (:func:`decode`):
+
+1. Prompts are taken in groups; each group is run through the model **once** (prefill), which
+   fills a preallocated :class:`~lverse.models.biart.KVCache` and gives the logits of the first
+   target token.
+2. The group's cache is :meth:`~lverse.models.biart.KVCache.repeat`-ed for a chunk of
+   candidates (so 64 candidates of one prompt share one prefill), and every further step feeds
+   one token per row with ``start_pos``: no recomputation of the prefix. Groups and chunks are
+   sized so that no more than ``batch_size`` rows decode at once, which bounds memory.
+3. At each step the logits are **masked to the part being written** before temperature,
+   top-k and top-p (disallowed ids get ``-inf``), so an invalid id can never be drawn:
+   image codes only in the image part; caption ids (``<end_of_text>`` included) and PAD only
+   in the text part. Once a caption row has drawn its end token or PAD, PAD is forced for the
+   rest of it, as in the training sequences (``text eot PAD PAD ...``).
+
+``use_cache=False`` runs the same loop but recomputes the whole prefix at every step: the
+reference decoder the tests and ``bench/sampling.py`` compare against. Both draw their random
+numbers in the same order, so with greedy decoding they agree token for token.
+
+Randomness comes from one ``torch.Generator`` (``seed=`` builds one on the model's device):
+the same seed, batch size and device give the same candidates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from lverse.models.biart import GEN, BiART, KVCache
+from lverse.vocab import VocabLayout
+
+Progress = Callable[[int], object]  # e.g. tqdm.update: called with the number of tokens drawn
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is drawn from the (masked) logits.
+
+    ``temperature == 0`` or ``greedy`` takes the argmax. ``top_k == 0`` and ``top_p == 1``
+    switch those filters off. Order: mask, temperature, top-k, top-p (as in common practice;
+    top-p then acts on the tempered, top-k-restricted distribution).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# One step: mask, filter, draw
+# ------------------------------------------------------------------------------------------
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """fp32 logits ``(N, V)`` with every token that may not be drawn set to ``-inf``.
+
+    ``allowed`` is a boolean mask ``(V,)`` or ``(N, V)``; it is applied *first*, so top-k and
+    top-p choose among allowed tokens only (a filter applied before the mask could keep only
+    invalid ids and leave nothing to draw).
+    """
+    x = logits.float()
+    if allowed is not None:
+        x = x.masked_fill(~allowed, float("-inf"))
+    if temperature > 0 and temperature != 1.0:
+        x = x / temperature
+    if top_k > 0 and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # Drop a token when the mass of the tokens before it already reaches top_p; the most
+        # likely token always stays (its preceding mass is 0).
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    allowed: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids ``(N,)`` drawn from logits ``(N, V)`` under ``params``."""
+    if params.is_greedy:
+        return filter_logits(logits, allowed).argmax(dim=-1)
+    x = filter_logits(logits, allowed, params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(x, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (``None``: use torch's global RNG)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+# ------------------------------------------------------------------------------------------
+# The decoding loop
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetPart:
+    """What may be written in the target part, and how a row ends."""
+
+    allowed: torch.Tensor  # (V,) bool
+    end_ids: torch.Tensor | None = None  # ids after which only PAD follows (captions)
+    pad_id: int = -1
+
+
+def _decode_rows_cached(
+    model: BiART,
+    cache: KVCache,
+    first_logits: torch.Tensor,
+    prompt_len: int,
+    n_new: int,
+    part: TargetPart,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    progress: Progress | None,
+) -> torch.Tensor:
+    rows = first_logits.shape[0]
+    out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=first_logits.device)
+    seg = torch.full((rows, 1), GEN, dtype=torch.long, device=first_logits.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=first_logits.device) if part.end_ids is not None else None
+    logits = first_logits
+    for t in range(n_new):
+        tok = _next(logits, part, params, generator, done)
+        out[:, t] = tok
+        if progress is not None:
+            progress(rows)
+        if t == n_new - 1 or (done is not None and bool(done.all())):
+            if progress is not None and t < n_new - 1:
+                progress(rows * (n_new - 1 - t))  # the rest is PAD: account for it at once
+            break
+        logits = model(tok[:, None], seg, cache=cache, start_pos=prompt_len + t, last_only=True)[:, -1]
+    return out
+
+
+def _decode_rows_uncached(
+    model: BiART,
+    prompt: torch.Tensor,
+    segments: torch.Tensor,
+    n_new: int,
+    part: TargetPart,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """Reference decoder: the whole sequence so far goes through the model at every step."""
+    rows = prompt.shape[0]
+    out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=prompt.device)
+    gen_seg = torch.full((rows, n_new), GEN, dtype=torch.long, device=prompt.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=prompt.device) if part.end_ids is not None else None
+    for t in range(n_new):
+        idx = torch.cat([prompt, out[:, :t]], dim=1)
+        seg = torch.cat([segments, gen_seg[:, :t]], dim=1)
+        logits = model(idx, seg, last_only=True)[:, -1]
+        tok = _next(logits, part, params, generator, done)
+        out[:, t] = tok
+        if progress is not None:
+            progress(rows)
+        if done is not None and bool(done.all()) and t < n_new - 1:
+            if progress is not None:
+                progress(rows * (n_new - 1 - t))
+            break
+    return out
+
+
+def _next(
+    logits: torch.Tensor,
+    part: TargetPart,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    done: torch.Tensor | None,
+) -> torch.Tensor:
+    tok = sample_from_logits(logits, part.allowed, params, generator)
+    if done is not None:
+        # Rows that already ended still draw (so every row consumes the generator the same
+        # way whatever happened before), but their draw is replaced by PAD.
+        tok = torch.where(done, torch.full_like(tok, part.pad_id), tok)
+        assert part.end_ids is not None
+        done |= torch.isin(tok, part.end_ids)
+    return tok
+
+
+@torch.no_grad()
+def decode(
+    model: BiART,
+    prompt: torch.Tensor,
+    segments: torch.Tensor,
+    n_new: int,
+    candidates: int,
+    part: TargetPart,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Draw ``candidates`` continuations of ``n_new`` tokens for each prompt row.
+
+    ``prompt``/``segments``: ``(B, P)``. Returns BiART ids ``(B, candidates, n_new)``. Rows
+    decode ``batch_size`` at a time: ``g`` prompts per prefill, each repeated for a chunk of
+    ``c`` candidates with ``g * c <= batch_size`` (at least one row).
+    """
+    if n_new < 1:
+        raise ValueError(f"decode: n_new must be >= 1, got {n_new}")
+    if candidates < 1:
+        raise ValueError(f"decode: candidates must be >= 1, got {candidates}")
+    if batch_size < 1:
+        raise ValueError(f"decode: batch_size must be >= 1, got {batch_size}")
+    B, P = prompt.shape
+    if P + n_new - 1 > model.cfg.block_size:
+        raise ValueError(f"decode: prompt {P} + {n_new} new tokens exceed block_size {model.cfg.block_size}")
+    device = model.device
+    prompt, segments = prompt.to(device), segments.to(device)
+    part = TargetPart(part.allowed.to(device), None if part.end_ids is None else part.end_ids.to(device), part.pad_id)
+    out = torch.empty((B, candidates, n_new), dtype=torch.long, device=device)
+    group = max(1, min(B, batch_size // candidates))
+    chunk = max(1, min(candidates, batch_size // group))
+
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        for b0 in range(0, B, group):
+            pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
+            nb = pr.shape[0]
+            if use_cache:
+                # The last drawn token is never fed back, hence P + n_new - 1 positions.
+                cache = model.new_cache(nb, max_len=P + n_new - 1)
+                first = model(pr, sg, cache=cache, start_pos=0, last_only=True)[:, -1]
+            for c0 in range(0, candidates, chunk):
+                n = min(chunk, candidates - c0)
+                if use_cache:
+                    # A single chunk of one candidate may write into the prefill cache itself;
+                    # otherwise each chunk needs its own copy (rows diverge from here on).
+                    c = cache if (n == 1 and candidates == 1) else cache.repeat(n)
+                    rows = _decode_rows_cached(
+                        model, c, first.repeat_interleave(n, 0), P, n_new, part, params, generator, progress
+                    )
+                else:
+                    rows = _decode_rows_uncached(
+                        model, pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0), n_new, part, params,
+                        generator, progress,
+                    )
+                out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The two directions
+# ------------------------------------------------------------------------------------------
+
+
+def _params(
+    params: SamplingParams | None, temperature: float, top_k: int, top_p: float, greedy: bool
+) -> SamplingParams:
+    return params if params is not None else SamplingParams(temperature, top_k, top_p, greedy)
+
+
+def image_part(vocab: VocabLayout) -> TargetPart:
+    return TargetPart(vocab.image_mask())
+
+
+def text_part(vocab: VocabLayout, eot_id: int | None) -> TargetPart:
+    """Caption ids and PAD; a row ends at PAD or at ``eot_id`` (a *tokenizer* id)."""
+    ends = [vocab.pad] + ([vocab.text_start + int(eot_id)] if eot_id is not None else [])
+    if eot_id is not None and not 0 <= int(eot_id) < vocab.num_text_tokens:
+        raise ValueError(f"eot_id {eot_id} is outside the text vocabulary 0..{vocab.num_text_tokens - 1}")
+    return TargetPart(vocab.text_mask(allow_pad=True), torch.tensor(ends, dtype=torch.long), vocab.pad)
+
+
+def generate_images(
+    model: BiART,
+    text_ids_global: torch.Tensor,
+    candidates: int = 1,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    params: SamplingParams | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Image codes ``(B, candidates, image_len)`` in ``0..num_image_codes-1``.
+
+    ``text_ids_global``: ``(B, text_len)`` BiART ids (caption ids, eot, PAD), e.g. from
+    :meth:`lverse.pipeline.LVersePipeline.encode_prompts`.
+    """
+    prompt, seg = model.build_prompt(text_ids_global.to(model.device), "t2i")
+    gen = generator if generator is not None else make_generator(seed, model.device)
+    ids = decode(
+        model, prompt, seg, model.cfg.image_len, candidates, image_part(model.vocab),
+        _params(params, temperature, top_k, top_p, greedy), gen, batch_size, use_cache, progress,
+    )
+    return model.vocab.global_to_image(ids)
+
+
+def generate_captions(
+    model: BiART,
+    image_codes: torch.Tensor,
+    candidates: int = 1,
+    max_text_tokens: int = 32,
+    *,
+    eot_id: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    params: SamplingParams | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Caption ids ``(B, candidates, max_text_tokens)`` as BiART ids (text range or PAD).
+
+    ``eot_id`` is the tokenizer's ``<end_of_text>`` id; after it (or after a PAD) a row holds
+    only PAD. Convert with :func:`caption_token_ids` / :func:`decode_captions`.
+    """
+    if not 1 <= max_text_tokens <= model.cfg.text_len:
+        raise ValueError(f"max_text_tokens must be in 1..text_len={model.cfg.text_len}, got {max_text_tokens}")
+    prompt, seg = model.build_prompt(image_codes.to(model.device), "i2t")
+    gen = generator if generator is not None else make_generator(seed, model.device)
+    return decode(
+        model, prompt, seg, max_text_tokens, candidates, text_part(model.vocab, eot_id),
+        _params(params, temperature, top_k, top_p, greedy), gen, batch_size, use_cache, progress,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Captions: ids -> text
+# ------------------------------------------------------------------------------------------
+
+
+def caption_token_ids(vocab: VocabLayout, ids: torch.Tensor, text_pad: int = -1) -> torch.Tensor:
+    """BiART caption ids -> tokenizer ids, PAD -> ``text_pad`` (the tokenizer's -1)."""
+    txt = vocab.global_to_text(ids)
+    return torch.where(ids == vocab.pad, torch.full_like(txt, text_pad), txt)
+
+
+def truncate_caption(text: str) -> str:
+    """The paper's truncation: keep what comes before the first full stop.
+
+    Sampling 32 tokens often runs past the first sentence into a repeat of it; L-Verse
+    (section 3.6) keeps only the first split on '.'.
+    """
+    return text.split(".", 1)[0].strip()
+
+
+def decode_captions(tokenizer: "object", vocab: VocabLayout, ids: torch.Tensor, truncate: bool = True) -> list:
+    """Caption strings for BiART ids ``(..., L)``: nested lists following the leading dims.
+
+    ``tokenizer`` needs ``decode(list[int]) -> str`` that stops at its end token and skips -1
+    (:class:`lverse.tokenizer.TextTokenizer`).
+    """
+    tok_ids = caption_token_ids(vocab, ids.cpu())
+
+    def rec(x: torch.Tensor) -> list | str:
+        if x.dim() == 1:
+            s = tokenizer.decode(x.tolist())  # type: ignore[attr-defined]
+            return truncate_caption(s) if truncate else s
+        return [rec(r) for r in x]
+
+    out = rec(tok_ids)
+    return out if isinstance(out, list) else [out]
+
+
+def pad_captions(vocab: VocabLayout, ids: torch.Tensor, text_len: int) -> torch.Tensor:
+    """Right-pad caption ids ``(N, L)`` (BiART ids) with PAD to ``(N, text_len)``."""
+    if ids.shape[-1] > text_len:
+        raise ValueError(f"captions of {ids.shape[-1]} tokens do not fit text_len={text_len}")
+    fill = torch.full((*ids.shape[:-1], text_len - ids.shape[-1]), vocab.pad, dtype=ids.dtype, device=ids.device)
+    return torch.cat([ids, fill], dim=-1)
+
+
+__all__: Sequence[str] = (
+    "SamplingParams",
+    "filter_logits",
+    "sample_from_logits",
+    "make_generator",
+    "decode",
+    "TargetPart",
+    "image_part",
+    "text_part",
+    "generate_images",
+    "generate_captions",
+    "caption_token_ids",
+    "truncate_caption",
+    "decode_captions",
+    "pad_captions",
+)

@@ -1,0 +1,182 @@
+"""Stage 2: train BiART on pre-encoded (image codes, caption) pairs.
+
+The paper's scheme: one direction per iteration, alternating text→image and image→text, the
+same direction on every rank (it depends on the step number only), and the NLL of *both* the
+REF part and the GEN part is optimised. ``directions: mixed`` instead puts both directions in
+every batch (half each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, load_config, to_dict
+from ..data.tokens import TokenDataset
+from ..io import save_weights
+from ..models.biart import BiART, BiARTConfig
+from ..tokenizer import TextTokenizer
+from .loop import Task, TrainConfig, Trainer
+from .stage1 import resolve_resume_dir, resolve_weights
+
+DIRECTIONS = ("alternate", "mixed", "t2i", "i2t")
+
+
+@dataclass
+class Stage2DataConfig:
+    tokens: list[str] = field(default_factory=list)  # token directories written by `lverse encode`
+    tokenizer: str = "clip"        # "clip" (the paper's 49,408-token BPE) or a tokenizer.json path
+    bpe_dropout: bool = True       # BPE dropout (p = 0.1) on training captions
+
+
+@dataclass
+class Stage2Config:
+    model: BiARTConfig = field(default_factory=BiARTConfig)
+    data: Stage2DataConfig = field(default_factory=Stage2DataConfig)
+    directions: str = "alternate"  # alternate | mixed | t2i | i2t
+    ref_weight: float = 1.0        # weight of the REF-part NLL
+    gen_weight: float = 1.0        # weight of the GEN-part NLL
+    init_from: str = ""            # warm start from BiART weights (file or run dir)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            name="biart", precision="fp16-o2", betas=(0.9, 0.95), weight_decay=0.01, base_lr=4.5e-7
+        )
+    )
+
+
+def load_tokenizer(spec: str) -> TextTokenizer:
+    if spec == "clip":
+        return TextTokenizer.clip()
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer not found: {p} (use data.tokenizer=clip or a tokenizer.json from `lverse train-tokenizer`)")
+    return TextTokenizer.load(p)
+
+
+def build_stage2_model(cfg: Stage2Config, tokenizer: TextTokenizer, dataset: TokenDataset) -> BiART:
+    if cfg.model.num_text_tokens != tokenizer.vocab_size:
+        raise ConfigError(f"model.num_text_tokens={cfg.model.num_text_tokens} but the tokenizer has {tokenizer.vocab_size} tokens")
+    if cfg.model.image_len != dataset.tokens_per_image:
+        raise ConfigError(f"model.image_len={cfg.model.image_len} but the token data has {dataset.tokens_per_image} codes per image")
+    if dataset.codebook_size > cfg.model.num_image_codes:
+        raise ConfigError(f"the token data uses a codebook of {dataset.codebook_size} codes; model.num_image_codes={cfg.model.num_image_codes}")
+    if cfg.init_from:
+        model = BiART.load(resolve_weights(cfg.init_from))
+        if model.cfg != cfg.model:
+            raise ConfigError(f"init_from {cfg.init_from}: its config differs from model: {to_dict(model.cfg)}")
+        return model.float()
+    return BiART(cfg.model)
+
+
+class Stage2Task(Task):
+    def __init__(self, cfg: Stage2Config) -> None:
+        if cfg.directions not in DIRECTIONS:
+            raise ConfigError(f"directions={cfg.directions!r} is not one of {DIRECTIONS}")
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.dataset = TokenDataset(cfg.data.tokens)
+        self.model = build_stage2_model(cfg, self.tokenizer, self.dataset)
+        self.vocab = self.model.vocab
+
+    def model_meta(self) -> dict[str, Any]:
+        return {"kind": "biart", "config": to_dict(self.model.cfg)}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return self.model.param_groups(weight_decay)
+
+    def prepare(self, device: torch.device) -> None:
+        self.device = device
+
+    def train_dataset(self) -> TokenDataset:
+        return self.dataset
+
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        # Tokenising here (batched, in the loader workers) keeps BPE dropout fresh every epoch.
+        text = self.tokenizer.encode_batch(
+            [it["caption"] for it in items], length=self.cfg.model.text_len, dropout=self.cfg.data.bpe_dropout
+        )
+        return {
+            "codes": torch.stack([it["codes"] for it in items]),
+            "text": self.vocab.text_to_global(text.clamp(min=0), None).masked_fill(text < 0, self.vocab.pad),
+        }
+
+    def direction(self, step: int) -> str:
+        if self.cfg.directions == "alternate":
+            return "t2i" if step % 2 == 0 else "i2t"
+        return self.cfg.directions
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any], step: int, autocast: Callable) -> tuple[torch.Tensor, dict[str, float]]:
+        text = batch["text"].to(self.device, non_blocking=True)
+        codes = batch["codes"].to(self.device, non_blocking=True)
+        direction = self.direction(step)
+        if direction == "mixed":
+            h = text.shape[0] // 2
+            a = self.model.build_sequence(text[:h], codes[:h], "t2i")
+            b = self.model.build_sequence(text[h:], codes[h:], "i2t")
+            parts = [("t2i", a), ("i2t", b)]
+            idx, seg = torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
+        else:
+            idx, seg = self.model.build_sequence(text, codes, direction)  # type: ignore[arg-type]
+            parts = [(direction, (idx, seg))]
+        from ..models.biart import sequence_nll
+
+        with autocast():
+            logits = model(idx, seg)
+        loss, stats = sequence_nll(logits, idx, seg, self.vocab, self.cfg.ref_weight, self.cfg.gen_weight)
+        logs = {"loss": float(loss)}
+        if len(parts) == 1:
+            d = parts[0][0]
+            logs[f"{d}/nll_text"] = float(stats["nll_text"])
+            logs[f"{d}/nll_image"] = float(stats["nll_image"])
+        else:
+            off = 0
+            for d, (pi, ps) in parts:
+                n = pi.shape[0]
+                _, st = sequence_nll(logits[off : off + n].detach(), pi, ps, self.vocab)
+                logs[f"{d}/nll_text"] = float(st["nll_text"])
+                logs[f"{d}/nll_image"] = float(st["nll_image"])
+                off += n
+        return loss, logs
+
+    def extra_files(self) -> dict[str, str]:
+        return {"tokenizer.json": self.tokenizer.to_json()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train BiART (stage 2) on token shards from `lverse encode`.")
+    ap.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    ap.add_argument("--describe", action="store_true", help="print the parameter count without allocating the model")
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 data.tokens=[runs/tok]")
+    args = ap.parse_args(argv)
+    try:
+        config_path = args.config
+        if args.resume and not config_path:
+            rd = Path(args.resume)
+            config_path = str((rd.parent.parent if (rd / "state.pt").is_file() else rd) / "config.yaml")
+        if config_path is None:
+            raise ConfigError("give --config FILE (or --resume RUN_DIR)")
+        cfg = load_config(Stage2Config, config_path, args.overrides)
+        if args.describe:
+            from ..models.biart import describe
+
+            print(json.dumps(describe(cfg.model), indent=2))
+            return 0
+        resume = resolve_resume_dir(args.resume, cfg.train) if args.resume is not None else None
+        trainer = Trainer(cfg.train, lambda: Stage2Task(cfg), full_config=cfg, resume=resume)
+        result = trainer.fit()
+        if trainer.info.is_main and not result["stopped"]:
+            run_dir = Path(result["run_dir"])
+            save_weights(run_dir / "model.safetensors", trainer.precision.model_state_dict(trainer.task.model), trainer.task.model_meta())
+            (run_dir / "tokenizer.json").write_text(trainer.task.extra_files()["tokenizer.json"])  # type: ignore[attr-defined]
+            print(json.dumps(result))
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
