@@ -16,7 +16,7 @@ from lverse.models.augvae import AugVAE
 _CANDIDATES = [
     os.environ.get("LVERSE_GOLDEN_DIR", ""),
     str(Path(__file__).parent / "data" / "official-augvae-golden"),
-    "/work/shared/reference/official-augvae-golden",
+    str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-augvae-golden"),  # ../shared beside the clone
 ]
 GOLDEN = next((Path(c) for c in _CANDIDATES if c and (Path(c) / "io.safetensors").is_file()), None)
 if GOLDEN is None:

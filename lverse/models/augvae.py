@@ -411,9 +411,11 @@ def ml_to_sl(ml: AugVAE) -> AugVAE:
     Note: the official SL applies the post-quant bias the ML used for its *coarsest* level (an
     indexing side effect); here the 32² level keeps its own post-quant bias.
     """
-    if ml.cfg.variant != "ml" or ml.cfg.num_levels < 2:
+    # With 3+ levels the two kept decoders both take a concatenation (2z channels), which the
+    # connectors replace; with 2 levels the first kept decoder is the coarsest and takes z only.
+    if ml.cfg.variant != "ml" or ml.cfg.num_levels < 3:
         raise ValueError(
-            f"ml_to_sl needs an AugVAE-ML with >= 2 levels, got variant={ml.cfg.variant!r} "
+            f"ml_to_sl needs an AugVAE-ML with >= 3 levels, got variant={ml.cfg.variant!r} "
             f"num_levels={ml.cfg.num_levels}"
         )
     ref = next(ml.parameters())

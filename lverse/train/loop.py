@@ -144,8 +144,9 @@ class Trainer:
         self.full_config = full_config
         self.resume = resume
         self._stop_signal: int | None = None
-        torch.manual_seed(cfg.seed + self.info.rank)  # model init is broadcast by DDP; dropout may differ per rank
+        torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = task_factory()
+        torch.manual_seed(cfg.seed + 1 + self.info.rank)  # dropout and the like may differ per rank
 
     # ------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> list[tuple[int, Any]]:
@@ -229,6 +230,11 @@ class Trainer:
         self.precision.prepare_model(task.model)
         model: nn.Module = task.model
         if info.distributed:
+            # Start every replica from rank 0's state, buffers included (DDP would only sync the
+            # parameters, and with broadcast_buffers=False not the buffers, e.g. the codebook).
+            with torch.no_grad():
+                for t in list(task.model.parameters()) + list(task.model.buffers()):
+                    dist.broadcast(t.data, src=0)
             # broadcast_buffers=False: the quantizer keeps its EMA codebook in sync by all-reducing
             # its statistics; a broadcast from rank 0 would hide a missing all-reduce.
             model = nn.parallel.DistributedDataParallel(

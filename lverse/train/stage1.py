@@ -128,7 +128,8 @@ class Stage1Task(Task):
         recon = out.recon.float()
         mse = F.mse_loss(recon, x)
         loss = mse + out.commit_loss.float()
-        logs = {"mse": mse.item(), "commit": float(out.commit_loss)}
+        out.commit_loss = out.commit_loss.detach()
+        logs = {"mse": mse.item(), "commit": out.commit_loss.item()}
         if self.lpips is not None:
             with autocast():
                 lp = self.lpips(recon, x).mean().float()

@@ -145,7 +145,7 @@ class Stage2Task(Task):
         return loss, logs
 
     def extra_files(self) -> dict[str, str]:
-        return {"tokenizer.json": self.tokenizer.to_json()}
+        return {"tokenizer.json": self.tokenizer.to_str()}
 
 
 def main(argv: list[str] | None = None) -> int:

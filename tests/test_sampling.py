@@ -1,0 +1,275 @@
+"""Decoding (lverse.sampling): cached == uncached, masks, filters, seeds, prefill/chunking,
+caption post-processing. Tiny random BiARTs on CPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lverse.models.biart import BiART, BiARTConfig
+from lverse.sampling import (
+    SamplingParams,
+    TargetPart,
+    caption_token_ids,
+    decode,
+    decode_captions,
+    filter_logits,
+    generate_captions,
+    generate_images,
+    image_part,
+    pad_captions,
+    sample_from_logits,
+    text_part,
+    truncate_caption,
+)
+
+TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=32)
+EOT = 39  # a tokenizer id used as <end_of_text> in these tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, **kw) -> BiART:
+    torch.manual_seed(seed)
+    return BiART(BiARTConfig(**{**TINY, **kw})).eval()
+
+
+def random_text(m: BiART, B: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = m.vocab
+    t = torch.randint(v.text_start, v.text_start + EOT, (B, m.cfg.text_len), generator=g)
+    t[:, 3] = v.text_start + EOT
+    t[:, 4:] = v.pad
+    return t
+
+
+def random_codes(m: BiART, B: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, m.cfg.num_image_codes, (B, m.cfg.image_len), generator=g)
+
+
+# ------------------------------------------------------------------------------------------
+# cached vs. uncached
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_greedy_cached_equals_uncached_text_to_image(batch_size: int) -> None:
+    m = tiny()
+    text = random_text(m, 3)
+    a = generate_images(m, text, 2, greedy=True, batch_size=batch_size)
+    b = generate_images(m, text, 2, greedy=True, batch_size=batch_size, use_cache=False)
+    assert a.shape == (3, 2, m.cfg.image_len)
+    assert torch.equal(a, b)
+    # Greedy candidates of one prompt are all the same; different prompts differ.
+    assert torch.equal(a[:, 0], a[:, 1])
+    assert not torch.equal(a[0, 0], a[1, 0])
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_greedy_cached_equals_uncached_image_to_text(batch_size: int) -> None:
+    m = tiny(1)
+    codes = random_codes(m, 3)
+    a = generate_captions(m, codes, 2, max_text_tokens=6, eot_id=EOT, greedy=True, batch_size=batch_size)
+    b = generate_captions(m, codes, 2, max_text_tokens=6, eot_id=EOT, greedy=True, batch_size=batch_size,
+                          use_cache=False)
+    assert a.shape == (3, 2, 6)
+    assert torch.equal(a, b)
+
+
+def test_greedy_matches_step_by_step_argmax_of_full_forward() -> None:
+    """Independent reference: argmax of a plain full forward, one token at a time."""
+    m = tiny(2)
+    text = random_text(m, 2, seed=3)
+    got = generate_images(m, text, 1, greedy=True)[:, 0]
+    prompt, seg = m.build_prompt(text, "t2i")
+    idx, sg = prompt, seg
+    with torch.no_grad():
+        for _ in range(m.cfg.image_len):
+            logits = m(idx, sg)[:, -1].clone()
+            logits[:, ~m.vocab.image_mask()] = float("-inf")
+            tok = logits.argmax(-1, keepdim=True)
+            idx = torch.cat([idx, tok], 1)
+            sg = torch.cat([sg, torch.ones_like(tok)], 1)
+    assert torch.equal(got, idx[:, prompt.shape[1]:])
+
+
+def test_temperature_zero_is_greedy() -> None:
+    m = tiny()
+    text = random_text(m, 2)
+    assert torch.equal(generate_images(m, text, 2, temperature=0.0, seed=5), generate_images(m, text, 2, greedy=True))
+
+
+def test_prefill_once_per_prompt_group_and_one_token_steps() -> None:
+    m = tiny()
+    text = random_text(m, 3)
+    calls: list[int] = []
+    h = m.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    try:
+        # batch 12 >= 3 prompts x 4 candidates: one group, one prefill, one chunk.
+        generate_images(m, text, 4, seed=0, batch_size=12)
+        P, n = m.cfg.text_len + 2, m.cfg.image_len
+        assert calls == [P] + [1] * (n - 1)
+        calls.clear()
+        # batch 4: one prompt per group (3 prefills), all 4 candidates in one chunk each.
+        generate_images(m, text, 4, seed=0, batch_size=4)
+        assert calls.count(P) == 3 and calls.count(1) == 3 * (n - 1) and len(calls) == 3 + 3 * (n - 1)
+        calls.clear()
+        # batch 2: one prompt per group, candidates in two chunks of 2 sharing that prefill.
+        generate_images(m, text, 4, seed=0, batch_size=2)
+        assert calls.count(P) == 3 and calls.count(1) == 6 * (n - 1)
+    finally:
+        h.remove()
+
+
+# ------------------------------------------------------------------------------------------
+# masks
+
+
+def _hostile(m: BiART, bad: torch.Tensor) -> BiART:
+    """Scale the head rows of the ``bad`` tokens so that unmasked sampling would draw them often."""
+    with torch.no_grad():
+        m.head.weight[bad] *= 40
+    return m
+
+
+def test_masks_image_part_only_image_codes() -> None:
+    m = tiny(3)
+    v = m.vocab
+    _hostile(m, ~v.image_mask())  # text ids and specials (PAD/SOC/SOI) pushed up
+    text = random_text(m, 4)
+    prompt, seg = m.build_prompt(text, "t2i")
+    args = (SamplingParams(temperature=3.0), torch.Generator().manual_seed(0), 64)
+    ids = decode(m, prompt, seg, m.cfg.image_len, 50, image_part(v), *args)
+    assert ids.shape == (4, 50, m.cfg.image_len)
+    assert bool(v.is_image(ids).all())
+    assert ids.unique().numel() > m.cfg.num_image_codes // 2  # not a degenerate draw
+    # The same draw without the mask does produce invalid ids: the mask is what stops them.
+    free = TargetPart(torch.ones(v.size, dtype=torch.bool))
+    assert not bool(v.is_image(decode(m, prompt, seg, m.cfg.image_len, 50, free, *args)).all())
+
+
+def test_masks_text_part_and_pad_after_end() -> None:
+    m = tiny(4)
+    v = m.vocab
+    bad = ~v.text_mask(allow_pad=True)
+    _hostile(m, bad)  # image codes and SOC/SOI pushed up (PAD left alone: it is valid here)
+    codes = random_codes(m, 4)
+    ids = generate_captions(m, codes, 60, max_text_tokens=6, eot_id=EOT, temperature=3.0, seed=0)
+    assert bool((v.is_text(ids) | (ids == v.pad)).all())
+    ended = (ids == v.pad) | (ids == v.text_start + EOT)
+    seen_end = torch.cumsum(ended.long(), -1) > 0
+    after_end = torch.zeros_like(seen_end)
+    after_end[..., 1:] = seen_end[..., :-1]
+    assert bool((ids[after_end] == v.pad).all())
+    assert bool((ids == v.text_start + EOT).any()), "eot never drawn: the test would not exercise the rule"
+    assert bool(after_end.any()) and bool((~after_end).any())
+    # Without an eot id only PAD ends a row; eot is then an ordinary text id.
+    ids2 = generate_captions(m, codes, 20, max_text_tokens=6, temperature=3.0, seed=0)
+    assert bool((v.is_text(ids2) | (ids2 == v.pad)).all())
+    # Unmasked, the same model draws invalid ids.
+    prompt, seg = m.build_prompt(codes, "i2t")
+    free = TargetPart(torch.ones(v.size, dtype=torch.bool))
+    raw = decode(m, prompt, seg, 6, 20, free, SamplingParams(temperature=3.0), torch.Generator().manual_seed(0))
+    assert bool(bad[raw].any())
+
+
+def test_filter_logits_mask_before_topk_and_topp() -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    allowed = torch.tensor([False, True, True, True, True, False])
+    x = filter_logits(logits, allowed, top_k=2)
+    assert torch.isinf(x).tolist() == [[True, False, False, True, True, True]]
+    # top-p over the allowed tokens [4, 3, 2, 1]: probs ~ .644, .237, .087, .032
+    p = torch.softmax(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0)
+    x = filter_logits(logits, allowed, top_p=float(p[0]) + 1e-4)  # needs the 2nd token to reach p
+    assert torch.isfinite(x).tolist() == [[False, True, True, False, False, False]]
+    x = filter_logits(logits, allowed, top_p=float(p[0]) - 1e-4)  # the first token alone reaches p
+    assert torch.isfinite(x).tolist() == [[False, True, False, False, False, False]]
+    # temperature divides the surviving logits
+    x = filter_logits(logits, allowed, temperature=2.0)
+    assert torch.allclose(x[0, 1:5], torch.tensor([2.0, 1.5, 1.0, 0.5]))
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1.0)
+
+
+def test_sample_from_logits_topk_support_and_frequencies() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, -1)
+    s = sample_from_logits(logits, None, SamplingParams(top_k=2), g)
+    assert set(s.unique().tolist()) == {0, 1}
+    freq = torch.bincount(s, minlength=4).float() / s.numel()
+    assert abs(float(freq[0]) - 0.5 / 0.8) < 0.02
+
+
+# ------------------------------------------------------------------------------------------
+# seeds
+
+
+def test_same_seed_same_output_different_seed_different() -> None:
+    m = tiny(5)
+    text = random_text(m, 2)
+    a = generate_images(m, text, 8, temperature=2.0, seed=11, batch_size=4)
+    b = generate_images(m, text, 8, temperature=2.0, seed=11, batch_size=4)
+    c = generate_images(m, text, 8, temperature=2.0, seed=12, batch_size=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # Candidates of one prompt differ from each other (they are independent draws).
+    assert len({tuple(r.tolist()) for r in a[0]}) > 4
+    codes = random_codes(m, 2)
+    x = generate_captions(m, codes, 8, max_text_tokens=6, eot_id=EOT, temperature=2.0, seed=3)
+    y = generate_captions(m, codes, 8, max_text_tokens=6, eot_id=EOT, temperature=2.0, seed=3)
+    z = generate_captions(m, codes, 8, max_text_tokens=6, eot_id=EOT, temperature=2.0, seed=4)
+    assert torch.equal(x, y) and not torch.equal(x, z)
+
+
+def test_decode_restores_training_mode_and_checks_args() -> None:
+    m = tiny()
+    m.train()
+    generate_images(m, random_text(m, 1), 1, seed=0)
+    assert m.training
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        generate_captions(m, random_codes(m, 1), 1, max_text_tokens=m.cfg.text_len + 1)
+    with pytest.raises(ValueError, match="candidates"):
+        generate_images(m, random_text(m, 1), 0)
+    with pytest.raises(ValueError, match="text ids"):
+        generate_images(m, random_codes(m, 1)[:, : m.cfg.text_len], 1)  # image codes as text
+
+
+# ------------------------------------------------------------------------------------------
+# captions
+
+
+def test_truncate_caption() -> None:
+    assert truncate_caption("a red circle . a red circle .") == "a red circle"
+    assert truncate_caption("no full stop here") == "no full stop here"
+    assert truncate_caption(". starts with one") == ""
+
+
+def test_decode_captions_and_pad() -> None:
+    from lverse.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.train(["a red circle", "a blue square . a blue square"] * 3, vocab_size=560)
+    m = tiny(num_text_tokens=tok.vocab_size)
+    v = m.vocab
+    rows = [tok.encode("a red circle . a red circle") + [tok.eot_id], tok.encode("a blue square")]
+    L = 12
+    ids = torch.full((2, L), v.pad)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r) + v.text_start
+    assert decode_captions(tok, v, ids) == ["a red circle", "a blue square"]
+    assert decode_captions(tok, v, ids, truncate=False)[0] == "a red circle . a red circle"
+    nested = decode_captions(tok, v, ids.view(1, 2, L))
+    assert nested == [["a red circle", "a blue square"]]
+    tid = caption_token_ids(v, ids)
+    assert tid[1, len(rows[1]):].eq(-1).all() and tid[0, 0].item() == rows[0][0]
+    padded = pad_captions(v, ids[:, :5], 8)
+    assert padded.shape == (2, 8) and bool((padded[:, 5:] == v.pad).all())
+    assert math.isfinite(float(padded.float().sum()))

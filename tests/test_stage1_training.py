@@ -1,0 +1,181 @@
+"""Stage 1 through the shared trainer: learning, exact resume, signals, crashes, SL, bad data, DDP."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from lverse.config import from_dict
+from lverse.models.augvae import AugVAE, AugVAEConfig
+from lverse.train.checkpoint import CheckpointManager
+from lverse.train.logger import read_metrics
+from lverse.train.loop import Trainer
+from lverse.train.stage1 import Stage1Config, Stage1Task, describe
+from lverse.train.stage1 import main as stage1_main
+
+TINY_MODEL = dict(resolution=32, hidden_dim=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=8,
+                  codebook_size=32, codebook_dim=8)
+
+
+def tiny_cfg(run_dir: Path, **train: Any) -> Stage1Config:
+    data = {"kind": "shapes", "resolution": 32, "shapes_size": 64}
+    t = dict(run_dir=str(run_dir), name="t", device="cpu", batch_size=4, lr=2e-3, max_steps=6, log_every=2,
+             image_every=0, ckpt_every=100, num_workers=0, tensorboard=False, progress=False, plateau_patience=0)
+    t.update(train)
+    return from_dict(Stage1Config, {"model": {"variant": "ml", "num_levels": 3, **TINY_MODEL}, "data": data,
+                                    "loss": {"lpips_weight": 0.0}, "train": t})
+
+
+def fit(cfg: Stage1Config, resume: str | None = None, task_cls: type = Stage1Task) -> tuple[Trainer, dict]:
+    trainer = Trainer(cfg.train, lambda: task_cls(cfg), full_config=cfg, resume=resume)
+    return trainer, trainer.fit()
+
+
+def test_tiny_augvae_learns_shapes(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path / "run", max_steps=100, log_every=10, batch_size=8, image_every=100)
+    cfg.data.shapes_size = 512
+    _, res = fit(cfg)
+    m = read_metrics(res["run_dir"])
+    first, last = m[0]["mse"], m[-1]["mse"]
+    assert last < 0.35 * first, (first, last)
+    assert "codebook/perplexity" in m[-1] and m[-1]["codebook/usage"] > 0
+    assert list((Path(res["run_dir"]) / "images").glob("reconstruction_*.png"))
+    assert (Path(res["run_dir"]) / "config.yaml").is_file()
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.task.model.state_dict().items()}
+
+
+def test_resume_reaches_same_weights_as_unbroken_run(tmp_path: Path) -> None:
+    full, _ = fit(tiny_cfg(tmp_path / "a", max_steps=8))
+    fit(tiny_cfg(tmp_path / "b", max_steps=4))  # "stopped" after 4 steps (an epoch is 16 items = 4 steps)
+    resumed, res = fit(tiny_cfg(tmp_path / "b", max_steps=8), resume=str(tmp_path / "b"))
+    assert res["step"] == 8
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the optimizer state was restored too (Adam moments), not just the weights
+    sa = full.optimizer.state_dict()["state"]
+    sb = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+class _SignalledTask(Stage1Task):
+    def training_step(self, model, batch, step, autocast):  # type: ignore[override]
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would
+        return super().training_step(model, batch, step, autocast)
+
+
+class _CrashingTask(Stage1Task):
+    def training_step(self, model, batch, step, autocast):  # type: ignore[override]
+        if step == 3:
+            raise RuntimeError("boom")
+        return super().training_step(model, batch, step, autocast)
+
+
+def test_sigterm_writes_checkpoint_and_stops(tmp_path: Path) -> None:
+    _, res = fit(tiny_cfg(tmp_path / "s", max_steps=50), task_cls=_SignalledTask)
+    assert res["stopped"] and res["step"] == 3
+    latest = CheckpointManager(tmp_path / "s").latest()
+    assert latest is not None and latest.name == "step_0000003"
+
+
+def test_crash_writes_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tiny_cfg(tmp_path / "c", max_steps=50), task_cls=_CrashingTask)
+    latest = CheckpointManager(tmp_path / "c").latest()
+    assert latest is not None and latest.name == "step_0000003"
+    _, _, state = CheckpointManager.load(latest)
+    assert state["step"] == 3
+    # and the crashed run resumes from it
+    _, res = fit(tiny_cfg(tmp_path / "c", max_steps=5), resume=str(tmp_path / "c"))
+    assert res["step"] == 5
+
+
+def test_sl_finetune_from_ml_run_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ml_dir = tmp_path / "ml"
+    cfg = tiny_cfg(ml_dir, max_steps=2)
+    cfg.train.run_dir = str(ml_dir)
+    fit(cfg)
+    assert (ml_dir / "checkpoints" / "latest").is_file()
+    yaml_path = tmp_path / "sl.yaml"
+    import yaml
+
+    from lverse.config import to_dict
+
+    d = to_dict(tiny_cfg(tmp_path / "sl", max_steps=2))
+    d["model"]["variant"] = "sl"
+    d["init_from"] = str(ml_dir)
+    yaml_path.write_text(yaml.safe_dump(d))
+    assert stage1_main(["--config", str(yaml_path)]) == 0
+    sl = AugVAE.load(tmp_path / "sl" / "model.safetensors")
+    assert sl.cfg.variant == "sl" and len(sl.token_grids) == 1
+    codes = sl.encode(torch.zeros(1, 3, 32, 32))
+    assert codes.shape == (1, sl.tokens_per_image)
+    # SL without init_from is a config error with a clear message, not a traceback
+    d["init_from"] = ""
+    yaml_path.write_text(yaml.safe_dump(d))
+    assert stage1_main(["--config", str(yaml_path)]) == 2
+    assert "init_from" in capsys.readouterr().err
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    cfg = tiny_cfg(tmp_path / "f", max_steps=4, batch_size=4)
+    cfg.data.kind, cfg.data.path = "folder", str(root)
+    with pytest.warns(Warning):
+        _, res = fit(cfg)
+    assert res["step"] == 4 and res["skipped_items"] >= 1
+
+
+def test_describe_paper_sizes() -> None:
+    ml = describe(AugVAEConfig())
+    sl = describe(AugVAEConfig(variant="sl"))
+    assert ml["trainable_parameters"] == 221_224_195 and ml["tokens_per_image"] == 5440
+    assert sl["trainable_parameters"] == 112_289_283 and sl["tokens_per_image"] == 1024
+    assert sl["token_grids"] == [[32, 32]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(Path(run_dir), max_steps=4)
+    trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg)
+    trainer.fit()
+    torch.save({k: v.clone() for k, v in trainer.task.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_keep_identical_weights_and_codebook(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    init = AugVAE(AugVAEConfig(variant="ml", num_levels=3, **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_MODEL.items()}))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    emb = [k for k in a if "embedding" in k or "embed" in k]
+    assert emb, "the quantizer's codebook should be in the state dict"
+    assert not torch.equal(a[emb[0]], init.state_dict()[emb[0]])  # it did train
