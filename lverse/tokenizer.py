@@ -208,11 +208,12 @@ class TextTokenizer:
     @classmethod
     def clip(cls, bpe_path: str | Path | None = None, dropout: float = 0.1) -> "TextTokenizer":
         """CLIP's 49,408-token vocabulary, from the merges file shipped inside ``open_clip``."""
-        merges = read_clip_merges(bpe_path if bpe_path is not None else find_clip_bpe_file())
+        path = Path(bpe_path) if bpe_path is not None else find_clip_bpe_file()
+        merges = read_clip_merges(path)
         tokens = base_vocabulary() + [a + b for a, b in merges] + [SOT_TOKEN, EOT_TOKEN]
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != CLIP_VOCAB_SIZE:
-            raise ValueError(f"{bpe_path}: built {len(vocab)} distinct tokens, CLIP has {CLIP_VOCAB_SIZE}")
+            raise ValueError(f"{path}: built {len(vocab)} distinct tokens, CLIP has {CLIP_VOCAB_SIZE}")
         return cls(vocab, merges, dropout=dropout)
 
     @classmethod

@@ -61,6 +61,7 @@ CASES: dict[str, str] = {
     "eow_literal": "a</w>b </w>",
     "fullwidth": "ＡＢＣ１２３！",
     "math": "∑ x² ≤ ∞ ½ ① Ⅻ 𝔸𝕓𝒸",
+    "lone_surrogate": "a\ud800b \udce9",
     "long": LONG_TEXT,
 }
 

@@ -129,7 +129,7 @@ class Stage2Task(Task):
         with autocast():
             logits = model(idx, seg)
         loss, stats = sequence_nll(logits, idx, seg, self.vocab, self.cfg.ref_weight, self.cfg.gen_weight)
-        logs = {"loss": float(loss)}
+        logs = {"loss": loss.detach().item()}
         if len(parts) == 1:
             d = parts[0][0]
             logs[f"{d}/nll_text"] = float(stats["nll_text"])

@@ -1,0 +1,204 @@
+"""Rerankers (lverse.rerank): cycle scores against a plain full-forward reference, a tiny trained
+BiART ranking true pairs first, the CLIP reranker on a tiny random open_clip, z-score fusion."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lverse.models.biart import BiART, BiARTConfig
+from lverse.rerank import (
+    ClipReranker,
+    CycleReranker,
+    combine_scores,
+    conditional_logprob,
+    resolve_reranker,
+    zscore,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=32)
+
+
+def _random_model() -> BiART:
+    torch.manual_seed(0)
+    m = BiART(BiARTConfig(**TINY)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(5)  # make the log-probabilities depend on the inputs
+    return m
+
+
+def _reference_scores(m: BiART, text: torch.Tensor, codes: torch.Tensor, direction: str) -> torch.Tensor:
+    """Mean log p(GEN target tokens) from one plain forward pass over the whole sequence."""
+    v = m.vocab
+    idx, seg = m.build_sequence(text, codes, direction)
+    with torch.no_grad():
+        logp = F.log_softmax(m(idx, seg).float(), -1)
+    lp = logp[:, :-1].gather(-1, idx[:, 1:, None]).squeeze(-1)
+    tgt, tseg = idx[:, 1:], seg[:, 1:]
+    counted = (tseg == 1) & (v.is_image(tgt) if direction == "t2i" else v.is_text(tgt))
+    return (lp * counted).sum(1) / counted.sum(1)
+
+
+def test_conditional_logprob_equals_full_forward_reference() -> None:
+    m = _random_model()
+    v = m.vocab
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(v.text_start, v.special_start, (5, m.cfg.text_len), generator=g)
+    text[0, 2:] = v.pad  # short captions: PAD is not counted
+    text[1, 4:] = v.pad
+    codes = torch.randint(0, m.cfg.num_image_codes, (5, m.cfg.image_len), generator=g)
+    for direction, cond, target in (("t2i", text, codes), ("i2t", codes, text)):
+        ref = _reference_scores(m, text, codes, direction)
+        got = conditional_logprob(m, cond, target, direction, batch_size=2)
+        assert got.shape == (5,)
+        assert torch.allclose(got, ref, atol=1e-5), (direction, got, ref)
+        # batched == unbatched
+        one = torch.cat([conditional_logprob(m, cond[i : i + 1], target[i : i + 1], direction) for i in range(5)])
+        assert torch.allclose(got, one, atol=1e-5)
+    r = CycleReranker(m, batch_size=3)
+    assert torch.allclose(r.score_images(text[2], codes), _reference_scores(m, text[2:3].expand(5, -1), codes, "i2t"),
+                          atol=1e-5)
+    assert torch.allclose(r.score_captions(codes[1], text), _reference_scores(m, text, codes[1:2].expand(5, -1), "t2i"),
+                          atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# a tiny trained model: image tokens are a deterministic function of the caption
+
+
+NT, NI = 12, 12
+EOT = NT - 1
+
+
+def _pairs(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions of 3 tokens + eot; image codes 5*t_j + j (a bijection mod 12) and the sum."""
+    t = torch.randint(0, EOT, (n, 3), generator=g)
+    img = torch.cat([(5 * t + torch.arange(3)) % NI, t.sum(1, keepdim=True) % NI], 1)
+    text = torch.cat([t, torch.full((n, 1), EOT)], 1) + NI  # BiART ids: text starts at NI
+    return text, img
+
+
+@pytest.fixture(scope="module")
+def trained() -> BiART:
+    cfg = BiARTConfig(num_image_codes=NI, num_text_tokens=NT, text_len=4, image_len=4, n_layer=2, n_head=2,
+                      n_embd=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    m = BiART(cfg)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(400):  # both directions, alternately, as in stage 2
+        text, img = _pairs(64, g)
+        loss, _ = m.loss(*m.build_sequence(text, img, "t2i" if step % 2 == 0 else "i2t"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_cycle_ranks_true_pairs_first(trained: BiART) -> None:
+    r = CycleReranker(trained, batch_size=16)
+    g = torch.Generator().manual_seed(1)
+    text, img = _pairs(50, g)
+    wrong_text, wrong_img = _pairs(50, g)
+    same = (wrong_text == text).all(1)
+    cap_wins = img_wins = 0
+    for i in range(50):
+        s = r.score_captions(img[i], torch.stack([text[i], wrong_text[i]]))  # log p(image | caption)
+        cap_wins += int(s[0] > s[1])
+        s = r.score_images(text[i], torch.stack([img[i], wrong_img[i]]))  # log p(caption | image)
+        img_wins += int(s[0] > s[1])
+    n = 50 - int(same.sum())
+    assert cap_wins >= 0.8 * n, cap_wins
+    assert img_wins >= 0.8 * n, img_wins
+
+
+# ------------------------------------------------------------------------------------------
+# CLIP
+
+
+CLIP_CFG = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip() -> torch.nn.Module:
+    from lverse.pipeline import build_open_clip
+
+    torch.manual_seed(0)
+    return build_open_clip(CLIP_CFG).eval()
+
+
+def test_clip_scores_shapes_batching_and_cosine(tiny_clip: torch.nn.Module) -> None:
+    images = torch.rand(5, 3, 24, 24) * 2 - 1  # not the model's size: resized to 32
+    texts = ["a red circle", "a blue square", "two green triangles", "", "a circle left of a square"]
+    r1 = ClipReranker(tiny_clip, "cpu", batch_size=2)
+    r_all = ClipReranker(tiny_clip, "cpu", batch_size=64)
+    s = r1.score(images, texts)
+    assert s.shape == (5,)
+    assert torch.allclose(s, r_all.score(images, texts), atol=1e-5)
+    assert bool((s.abs() <= 1 + 1e-5).all())
+    # score_images / score_texts are rows / columns of the same similarity matrix
+    sim = r_all.embed_images(images) @ r_all.embed_texts(texts).T
+    assert torch.allclose(r1.score_images(images, texts[1]), sim[:, 1], atol=1e-5)
+    assert torch.allclose(r1.score_texts(images[2], texts), sim[2], atol=1e-5)
+    assert torch.allclose(s, sim.diagonal(), atol=1e-5)
+    # unit-norm embeddings of the model's own encoders
+    with torch.no_grad():
+        tok = r1.tokenizer(texts[:1])
+        assert tok.shape == (1, 16)
+        ref = F.normalize(tiny_clip.encode_text(tok), dim=-1)
+    assert torch.allclose(r1.embed_texts(texts[:1]), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="images"):
+        r1.score(images, texts[:2])
+
+
+def test_clip_file_roundtrip_and_missing_weights(tmp_path, tiny_clip: torch.nn.Module) -> None:
+    from lverse.pipeline import load_clip, save_clip
+
+    path = save_clip(tmp_path, tiny_clip, CLIP_CFG, model_name="tiny")
+    assert path.name == "clip.safetensors" and path.with_suffix(".json").is_file()
+    model, meta = load_clip(tmp_path)
+    assert meta["kind"] == "clip" and meta["model_name"] == "tiny"
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    texts = ["a", "b c", "d"]
+    a = ClipReranker(tiny_clip).score(images, texts)
+    b = ClipReranker(tmp_path / "clip.safetensors").score(images, texts)
+    c = ClipReranker(model).score(images, texts)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt.*--rerank cycle"):
+        ClipReranker.from_open_clip("ViT-B-32", tmp_path / "nope.pt")
+
+
+# ------------------------------------------------------------------------------------------
+# fusion
+
+
+def test_zscore_and_combine() -> None:
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = torch.tensor([-10.0, -30.0, -20.0])
+    za = (a - 2) / a.std(unbiased=False)
+    assert torch.allclose(zscore(a), za)
+    assert torch.equal(zscore(torch.tensor([4.0, 4.0])), torch.zeros(2))
+    assert torch.equal(zscore(torch.tensor([4.0])), torch.zeros(1))
+    comb = combine_scores([a, b])
+    assert torch.allclose(comb, za + zscore(b))
+    # scaling one score set does not change the fused result (units do not matter)
+    assert torch.allclose(combine_scores([a * 100, b]), comb, atol=1e-5)
+    assert resolve_reranker(None, True) == "clip"
+    assert resolve_reranker(None, False) == "cycle"
+    with pytest.raises(ValueError, match="unknown reranker"):
+        resolve_reranker("dino", True)
