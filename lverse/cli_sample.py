@@ -40,6 +40,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 # repair every candidate), nucleus sampling for the short caption.
 IMAGE_TOP_K, CAPTION_TOP_P = 256, 0.9
 EXIT_ERROR = 1
+DEFAULT_TEXT_TOKENS = 32  # caption tokens drawn per candidate (L-Verse section 3.6)
 
 
 class CLIError(Exception):
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"nucleus filter, 1 = off (default: off for images, {CAPTION_TOP_P} for captions)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     s.add_argument("--seed", type=int, default=0, help="base seed; round r of a prompt uses seed + r (default 0)")
-    s.add_argument("--max-text-tokens", type=int, default=32, help="caption tokens drawn (default 32)")
+    s.add_argument("--max-text-tokens", type=int, default=None,
+                   help="caption tokens drawn (default 32, as in the paper, or the model's text length if shorter)")
 
     r = p.add_argument_group("reranking")
     r.add_argument("--rerank", choices=RERANKERS, default=None,
@@ -97,7 +99,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.text and args.prompts is None and not args.image:
         raise CLIError("nothing to do: give --text, --prompts or --image")
     for name in ("candidates", "keep", "batch_size", "max_text_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
@@ -299,7 +301,7 @@ def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str],
                     "seed": seed,
                     "candidate": best,
                     "score": float(scores["score"][best]),
-                    "scores": {k: [round(float(v), 6) for v in t] for k, t in scores.items()},
+                    "scores": {k: [float(v) for v in t] for k, t in scores.items()},
                 })
             results.append(entry)
     finally:
@@ -314,10 +316,13 @@ def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str],
     return report
 
 
-def run_image(args: argparse.Namespace, pipe: LVersePipeline, paths: list[Path], scorer: Scorer) -> dict[str, Any]:
-    if args.max_text_tokens > pipe.text_len:
+def run_image(
+    args: argparse.Namespace, pipe: LVersePipeline, paths: list[Path], images: torch.Tensor, scorer: Scorer
+) -> dict[str, Any]:
+    if args.max_text_tokens is None:
+        args.max_text_tokens = min(DEFAULT_TEXT_TOKENS, pipe.text_len)
+    elif args.max_text_tokens > pipe.text_len:
         raise CLIError(f"--max-text-tokens {args.max_text_tokens} exceeds the model's text length {pipe.text_len}")
-    images = torch.stack([pipe.load_image(p) for p in paths])  # fails on the first bad file, naming it
     codes = pipe.encode_images(images, args.batch_size)
     params = _sampling_params(args, "i2t")
     n_draw = 1 if scorer.mode == "none" else args.candidates
@@ -339,7 +344,7 @@ def run_image(args: argparse.Namespace, pipe: LVersePipeline, paths: list[Path],
                 "caption": caps[best],
                 "score": float(scores["score"][best]),
                 "candidates": [
-                    {"caption": caps[j], "raw": raw[j], **{k: round(float(t[j]), 6) for k, t in scores.items()}}
+                    {"caption": caps[j], "raw": raw[j], **{k: float(t[j]) for k, t in scores.items()}}
                     for j in order
                 ],
             })
@@ -363,12 +368,14 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.text, args.prompts) if (args.text or args.prompts is not None) else []
     paths = expand_image_paths(args.image) if args.image else []
     pipe = LVersePipeline.load(args.checkpoint, device=args.device, precision=args.precision)
+    # Read every image before any sampling: a bad file fails the run at once, naming it.
+    images = torch.stack([pipe.load_image(p) for p in paths]) if paths else None
     mode = resolve_reranker(args.rerank, pipe.has_clip or args.clip_model is not None or args.clip_weights is not None)
     scorer = Scorer(mode, pipe, make_clip(args, pipe, mode), args.batch_size)
     if prompts:
         run_text(args, pipe, prompts, scorer)
-    if paths:
-        run_image(args, pipe, paths, scorer)
+    if images is not None:
+        run_image(args, pipe, paths, images, scorer)
     return 0
 
 

@@ -133,11 +133,59 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 @dataclass
 class TargetPart:
-    """What may be written in the target part, and how a row ends."""
+    """What may be written in the target part, and how a row ends.
+
+    ``allowed`` is a boolean mask over the whole vocabulary; the ids it allows span the rows
+    ``lo..hi-1`` (:attr:`span`). Only those rows of the output head are computed by the cached
+    decoder (:func:`_head_rows`): logits outside the span would be ``-inf`` after masking
+    anyway, and in a narrow model the head is most of a step's cost (image codes are 8,192 of
+    the paper's 57,603 ids).
+    """
 
     allowed: torch.Tensor  # (V,) bool
     end_ids: torch.Tensor | None = None  # ids after which only PAD follows (captions)
     pad_id: int = -1
+
+    @property
+    def span(self) -> tuple[int, int]:
+        ids = self.allowed.nonzero()
+        if ids.numel() == 0:
+            raise ValueError("TargetPart: no token is allowed")
+        return int(ids.min()), int(ids.max()) + 1
+
+    def to(self, device: torch.device | str) -> "TargetPart":
+        ends = None if self.end_ids is None else self.end_ids.to(device)
+        return TargetPart(self.allowed.to(device), ends, self.pad_id)
+
+
+class _RowSlicedHead(nn.Module):
+    """The output head restricted to vocabulary rows ``lo..hi-1`` (a view: no copy)."""
+
+    def __init__(self, head: nn.Linear, lo: int, hi: int) -> None:
+        super().__init__()
+        self.inner, self.lo, self.hi = head, lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.inner.weight[self.lo : self.hi])
+
+
+@contextmanager
+def _head_rows(model: BiART, lo: int, hi: int) -> Iterator[None]:
+    """Within the block, ``model(...)`` returns logits for ids ``lo..hi-1`` only.
+
+    BiART's forward always ends in ``self.head``; swapping that module for a row slice is the
+    one way to skip the unused rows without a second copy of the forward pass. The original
+    head is put back on exit, also on error. (Not for a model shared by concurrent threads.)
+    """
+    head = model.head
+    if not isinstance(head, nn.Linear) or head.bias is not None or (lo, hi) == (0, head.out_features):
+        yield
+        return
+    model.head = _RowSlicedHead(head, lo, hi)
+    try:
+        yield
+    finally:
+        model.head = head
 
 
 def _decode_rows_cached(
@@ -187,7 +235,8 @@ def _decode_rows_uncached(
     for t in range(n_new):
         idx = torch.cat([prompt, out[:, :t]], dim=1)
         seg = torch.cat([segments, gen_seg[:, :t]], dim=1)
-        logits = model(idx, seg, last_only=True)[:, -1]
+        lo, hi = part.span
+        logits = model(idx, seg, last_only=True)[:, -1, lo:hi]  # the full head, then the span
         tok = _next(logits, part, params, generator, done)
         out[:, t] = tok
         if progress is not None:
@@ -206,7 +255,9 @@ def _next(
     generator: torch.Generator | None,
     done: torch.Tensor | None,
 ) -> torch.Tensor:
-    tok = sample_from_logits(logits, part.allowed, params, generator)
+    """Draw from span logits ``(N, hi - lo)``; returns vocabulary ids."""
+    lo, hi = part.span
+    tok = sample_from_logits(logits, part.allowed[lo:hi], params, generator) + lo
     if done is not None:
         # Rows that already ended still draw (so every row consumes the generator the same
         # way whatever happened before), but their draw is replaced by PAD.
@@ -247,7 +298,7 @@ def decode(
         raise ValueError(f"decode: prompt {P} + {n_new} new tokens exceed block_size {model.cfg.block_size}")
     device = model.device
     prompt, segments = prompt.to(device), segments.to(device)
-    part = TargetPart(part.allowed.to(device), None if part.end_ids is None else part.end_ids.to(device), part.pad_id)
+    part = part.to(device)
     out = torch.empty((B, candidates, n_new), dtype=torch.long, device=device)
     group = max(1, min(B, batch_size // candidates))
     chunk = max(1, min(candidates, batch_size // group))
@@ -255,6 +306,7 @@ def decode(
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
+      with _head_rows(model, *part.span) if use_cache else nullcontext():
         for b0 in range(0, B, group):
             pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
             nb = pr.shape[0]

@@ -185,7 +185,7 @@ class TextTokenizer:
         self._specials = (SOT_TOKEN, EOT_TOKEN)
         self._pattern = _pretokenize_regex(self._specials)
         self._tok = self._build(dropout=None)
-        self._tok_dropout: Tokenizer | None = None  # built on first use of dropout=True
+        self._tok_dropout: dict[float, Tokenizer] = {}  # p -> tokenizer, built on first use
 
     def _build(self, dropout: float | None) -> Tokenizer:
         try:
@@ -280,14 +280,22 @@ class TextTokenizer:
             raise TypeError(f"expected a string, got {type(text).__name__}: {text!r}")
         return self._pattern.findall(clean_text(text))
 
-    def _tokenizer(self, dropout: bool) -> Tokenizer:
-        if not dropout or self.dropout_p == 0.0:
+    def _tokenizer(self, dropout: bool | float) -> Tokenizer:
+        """The deterministic tokenizer, or one with BPE-dropout: ``True`` means ``dropout_p``; a
+        float is taken as the probability itself (0 = none)."""
+        if isinstance(dropout, bool) or dropout in (0, 1) and isinstance(dropout, int):
+            p = self.dropout_p if dropout else 0.0
+        else:
+            p = float(dropout)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"BPE dropout must be a bool or a probability in [0, 1), got {dropout}")
+        if p == 0.0:
             return self._tok
-        if self._tok_dropout is None:
-            self._tok_dropout = self._build(dropout=self.dropout_p)
-        return self._tok_dropout
+        if p not in self._tok_dropout:
+            self._tok_dropout[p] = self._build(dropout=p)
+        return self._tok_dropout[p]
 
-    def _encode_many(self, texts: Sequence[str], dropout: bool) -> list[list[int]]:
+    def _encode_many(self, texts: Sequence[str], dropout: bool | float) -> list[list[int]]:
         joined = [" ".join(self.pretokenize(t)) for t in texts]
         tok = self._tokenizer(dropout)
         # The batch API runs the BPE for all texts at once (in parallel threads); the _fast
@@ -295,12 +303,13 @@ class TextTokenizer:
         batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
         return [enc.ids for enc in batch(joined, add_special_tokens=False)]
 
-    def encode(self, text: str, dropout: bool = False) -> list[int]:
-        """Ids of ``text`` without special tokens; BPE-dropout only when ``dropout=True``."""
+    def encode(self, text: str, dropout: bool | float = False) -> list[int]:
+        """Ids of ``text`` without special tokens; BPE-dropout only when asked (``dropout=True``
+        uses ``dropout_p``, 0.1 by default; a float sets the probability)."""
         return self._encode_many([text], dropout)[0]
 
     def encode_batch(
-        self, texts: Sequence[str], length: int = 64, dropout: bool = False, add_eot: bool = True
+        self, texts: Sequence[str], length: int = 64, dropout: bool | float = False, add_eot: bool = True
     ) -> torch.LongTensor:
         """``(B, length)`` ids: each text's ids, then ``eot_id`` (if ``add_eot``), then ``PAD`` (-1).
 

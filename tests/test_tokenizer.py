@@ -227,8 +227,13 @@ def test_zero_dropout_is_deterministic() -> None:
     t = TextTokenizer.clip(dropout=0.0)
     base = t.encode(DROP_TEXT)
     assert all(t.encode(DROP_TEXT, dropout=True) == base for _ in range(20))
+    assert all(t.encode(DROP_TEXT, dropout=0.0) == base for _ in range(20))
+    # A float is the probability itself: p=0.5 splits far more than the default 0.1.
+    assert sum(len(t.encode(DROP_TEXT, dropout=0.5)) for _ in range(20)) > 20 * len(base) + 40
     with pytest.raises(ValueError, match="dropout"):
         TextTokenizer.clip(dropout=1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        t.encode(DROP_TEXT, dropout=1.5)
 
 
 # ------------------------------------------------------------------------------------------
