@@ -4,9 +4,17 @@
     python bench/sampling.py --paper            # the paper's BiART (32 layers, width 1024), fp16 on a GPU
     python bench/sampling.py --batch 8 --grid 16
 
-Both decoders are greedy from the same random model and prompt, so they must write the same
-tokens (reported as ``tokens_match``). Prints tokens/s and seconds per image for each, the
-speed-up factor, and a JSON line at the end. The vocabulary is always the paper's (8192 image
+Three runs, all greedy from the same random model and prompt, so they must write the same
+tokens (reported as ``tokens_match``):
+
+* ``cached``: the sampler as used (KV cache, output head computed for the image codes only);
+* ``cached_full_head``: KV cache, but the head over the whole vocabulary;
+* ``uncached``: the reference decoder, the whole prefix recomputed at every step (full head,
+  at the last position only).
+
+``speedup_cache`` = uncached / cached_full_head is what the cache alone buys; ``speedup`` =
+uncached / cached is what the sampler delivers. Prints tokens/s and seconds per image for each
+and a JSON line at the end. The vocabulary is always the paper's (8192 image
 codes + 49,408 text tokens + 3 specials), with 64 text tokens before the image.
 """
 from __future__ import annotations
@@ -69,13 +77,22 @@ def main(argv: list[str] | None = None) -> dict:
     prompt, seg = model.build_prompt(text, "t2i")
     part, params = image_part(v), SamplingParams(greedy=True)
 
-    def run(n_new: int, use_cache: bool) -> torch.Tensor:
-        return decode(model, prompt, seg, n_new, 1, part, params, batch_size=args.batch, use_cache=use_cache)
+    def run(n_new: int, use_cache: bool, restrict_head: bool = True) -> torch.Tensor:
+        return decode(model, prompt, seg, n_new, 1, part, params, batch_size=args.batch, use_cache=use_cache,
+                      restrict_head=restrict_head)
+
+    def stats(t: float) -> dict:
+        return {"seconds": t, "tokens_per_s": args.batch * n / t, "s_per_image": t / args.batch}
+
+    def line(name: str, t: float) -> None:
+        print(f"{name:<17}{t:8.2f} s  {args.batch * n / t:10.1f} tokens/s  {t / args.batch:8.3f} s/image")
 
     n = cfg.image_len
     run(8, True)  # warm-up (allocator, kernels)
+    run(8, True, False)
     run(8, False)
     t_cached, out_cached = _time(lambda: run(n, True), device)
+    t_full, out_full = _time(lambda: run(n, True, False), device)
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "precision": precision,
@@ -85,18 +102,25 @@ def main(argv: list[str] | None = None) -> dict:
         "params": model.num_parameters(),
         "batch": args.batch,
         "image_tokens": n,
-        "cached": {"seconds": t_cached, "tokens_per_s": args.batch * n / t_cached, "s_per_image": t_cached / args.batch},
+        "cached": stats(t_cached),
+        "cached_full_head": stats(t_full),
     }
     print(f"model: {cfg.n_layer} layers, width {cfg.n_embd}, {result['params'] / 1e6:.1f}M params, {precision}, "
           f"{result['device']}; batch {args.batch}, {n} image tokens after a {prompt.shape[1]}-token prompt")
-    print(f"cached:   {t_cached:8.2f} s  {args.batch * n / t_cached:10.1f} tokens/s  {t_cached / args.batch:8.3f} s/image")
+    line("cached:", t_cached)
+    line("cached, full head:", t_full)
+    match = [out_full]
     if not args.no_uncached:
         t_unc, out_unc = _time(lambda: run(n, False), device)
-        result["uncached"] = {"seconds": t_unc, "tokens_per_s": args.batch * n / t_unc, "s_per_image": t_unc / args.batch}
+        match.append(out_unc)
+        result["uncached"] = stats(t_unc)
+        result["speedup_cache"] = t_unc / t_full
         result["speedup"] = t_unc / t_cached
-        result["tokens_match"] = float((out_unc == out_cached).float().mean())
-        print(f"uncached: {t_unc:8.2f} s  {args.batch * n / t_unc:10.1f} tokens/s  {t_unc / args.batch:8.3f} s/image")
-        print(f"speed-up: {result['speedup']:.1f}x   greedy tokens equal: {result['tokens_match'] * 100:.1f}%")
+        line("uncached:", t_unc)
+        print(f"speed-up from the cache: {result['speedup_cache']:.1f}x; sampler vs. recomputation: "
+              f"{result['speedup']:.1f}x")
+    result["tokens_match"] = min(float((o == out_cached).float().mean()) for o in match)
+    print(f"greedy tokens equal across runs: {result['tokens_match'] * 100:.1f}%")
     print(json.dumps(result))
     return result
 

@@ -33,6 +33,7 @@ from lverse.io import atomic_write_text
 from lverse.pipeline import LVersePipeline, load_clip
 from lverse.rerank import RERANKERS, ClipReranker, CycleReranker, combine_scores, resolve_reranker
 from lverse.sampling import SamplingParams, generate_captions, generate_images, truncate_caption
+from lverse.train.logger import save_grid
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Direction-specific defaults when --top-k/--top-p are not given: a top-k cut for the 1024
@@ -41,6 +42,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 IMAGE_TOP_K, CAPTION_TOP_P = 256, 0.9
 EXIT_ERROR = 1
 DEFAULT_TEXT_TOKENS = 32  # caption tokens drawn per candidate (L-Verse section 3.6)
+DECODE_BATCH = 16  # images through the AugVAE decoder at once (full-resolution activations are large)
 
 
 class CLIError(Exception):
@@ -140,13 +142,13 @@ def expand_image_paths(specs: Sequence[str]) -> list[Path]:
             if not found:
                 raise CLIError(f"folder {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
             out += found
+        elif p.is_file():
+            out.append(p)
         elif any(c in spec for c in "*?["):
             found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
             if not found:
                 raise CLIError(f"no file matches {spec}")
             out += found
-        elif p.is_file():
-            out.append(p)
         else:
             raise CLIError(f"image not found: {p}")
     return out
@@ -289,7 +291,7 @@ def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str],
                 seed = args.seed + r
                 codes = generate_images(pipe.biart, text_ids[p : p + 1], n_draw, params=params, seed=seed,
                                         batch_size=args.batch_size, progress=bar.update)[0]
-                pixels = pipe.decode_images(codes, args.batch_size) if scorer.needs_pixels else None
+                pixels = pipe.decode_images(codes, DECODE_BATCH) if scorer.needs_pixels else None
                 scores = scorer.images(prompt, text_ids[p], codes, pixels)
                 best = int(scores["score"].argmax())
                 image = pixels[best] if pixels is not None else pipe.decode_images(codes[best : best + 1])[0]
@@ -306,8 +308,6 @@ def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str],
             results.append(entry)
     finally:
         bar.close()
-    from lverse.train.logger import save_grid
-
     save_grid(torch.stack(kept), out / "grid.png", nrow=args.keep)
     report = {"mode": "text-to-image", **_settings(args, pipe, scorer.mode, params, n_draw), "keep": args.keep,
               "grid": "grid.png", "prompts": results}
@@ -319,11 +319,7 @@ def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str],
 def run_image(
     args: argparse.Namespace, pipe: LVersePipeline, paths: list[Path], images: torch.Tensor, scorer: Scorer
 ) -> dict[str, Any]:
-    if args.max_text_tokens is None:
-        args.max_text_tokens = min(DEFAULT_TEXT_TOKENS, pipe.text_len)
-    elif args.max_text_tokens > pipe.text_len:
-        raise CLIError(f"--max-text-tokens {args.max_text_tokens} exceeds the model's text length {pipe.text_len}")
-    codes = pipe.encode_images(images, args.batch_size)
+    codes = pipe.encode_images(images, DECODE_BATCH)
     params = _sampling_params(args, "i2t")
     n_draw = 1 if scorer.mode == "none" else args.candidates
     results: list[dict[str, Any]] = []
@@ -370,6 +366,10 @@ def run(args: argparse.Namespace) -> int:
     pipe = LVersePipeline.load(args.checkpoint, device=args.device, precision=args.precision)
     # Read every image before any sampling: a bad file fails the run at once, naming it.
     images = torch.stack([pipe.load_image(p) for p in paths]) if paths else None
+    if args.max_text_tokens is None:
+        args.max_text_tokens = min(DEFAULT_TEXT_TOKENS, pipe.text_len)
+    elif args.max_text_tokens > pipe.text_len:
+        raise CLIError(f"--max-text-tokens {args.max_text_tokens} exceeds the model's text length {pipe.text_len}")
     mode = resolve_reranker(args.rerank, pipe.has_clip or args.clip_model is not None or args.clip_weights is not None)
     scorer = Scorer(mode, pipe, make_clip(args, pipe, mode), args.batch_size)
     if prompts:

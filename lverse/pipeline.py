@@ -29,13 +29,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 import lverse
+from lverse.config import from_dict
 from lverse.io import load_weights, save_weights
 from lverse.models.augvae import AugVAE
-from lverse.config import from_dict
 from lverse.models.biart import BiART, BiARTConfig
 from lverse.sampling import decode_captions
 from lverse.tokenizer import TextTokenizer
@@ -102,12 +103,15 @@ def save_clip(
     model_cfg: dict[str, Any],
     model_name: str = "custom",
     preprocess_cfg: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``clip.safetensors`` + ``clip.json`` (``path``: the weights file or a directory)."""
+    """Write ``clip.safetensors`` + ``clip.json`` (``path``: the weights file or a directory).
+
+    ``extra``: more JSON-able entries for ``clip.json`` (e.g. training metrics)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / CLIP_FILE
-    meta: dict[str, Any] = {"kind": "clip", "model_name": model_name, "model_cfg": model_cfg}
+    meta: dict[str, Any] = {**(extra or {}), "kind": "clip", "model_name": model_name, "model_cfg": model_cfg}
     if preprocess_cfg:
         meta["preprocess_cfg"] = preprocess_cfg
     return save_weights(path, model.state_dict(), meta)
@@ -166,6 +170,14 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (transparency over white; 16-bit/float gray rescaled)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        # 16-bit or float grayscale: PIL's own conversion clips instead of rescaling.
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0 if im.mode == "I" else 1e-12)
+        lo = 0.0 if im.mode.startswith("I;16") or im.mode == "I" else float(a.min())
+        a = np.clip((a - lo) / max(top - lo, 1e-12) * 255.0, 0, 255).round().astype(np.uint8)
+        im = Image.fromarray(a, mode="L")
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
@@ -260,8 +272,9 @@ class LVersePipeline:
         self.tokenizer.save(root / TOKENIZER_FILE)
         if self.has_clip:
             model, meta = self.clip()
+            own = ("kind", "model_name", "model_cfg", "preprocess_cfg")
             save_clip(root / CLIP_FILE, model, meta["model_cfg"], meta.get("model_name", "custom"),
-                      meta.get("preprocess_cfg"))
+                      meta.get("preprocess_cfg"), extra={k: v for k, v in meta.items() if k not in own})
         return root
 
     # --- properties -----------------------------------------------------------------------

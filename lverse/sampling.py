@@ -18,20 +18,28 @@ How a batch is decoded (:func:`decode`):
    image codes only in the image part; caption ids (``<end_of_text>`` included) and PAD only
    in the text part. Once a caption row has drawn its end token or PAD, PAD is forced for the
    rest of it, as in the training sequences (``text eot PAD PAD ...``).
+4. Since the ids a part allows are one contiguous range, the cached decoder computes the
+   output head for that range only (:func:`_head_rows`); everything outside it would be
+   ``-inf`` after masking. For images that is 8,192 of 57,603 rows, most of a step's cost in
+   a narrow model (``bench/sampling.py`` reports both).
 
-``use_cache=False`` runs the same loop but recomputes the whole prefix at every step: the
-reference decoder the tests and ``bench/sampling.py`` compare against. Both draw their random
-numbers in the same order, so with greedy decoding they agree token for token.
+``use_cache=False`` runs the same loop but recomputes the whole prefix at every step, with the
+full output head: the reference decoder the tests and ``bench/sampling.py`` compare against.
+Both draw their random numbers in the same order from logits of the same shape, so greedy
+decoding agrees token for token, and so does sampling with a seed up to floating-point ties.
 
 Randomness comes from one ``torch.Generator`` (``seed=`` builds one on the model's device):
 the same seed, batch size and device give the same candidates.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from lverse.models.biart import GEN, BiART, KVCache
 from lverse.vocab import VocabLayout
@@ -146,12 +154,12 @@ class TargetPart:
     end_ids: torch.Tensor | None = None  # ids after which only PAD follows (captions)
     pad_id: int = -1
 
-    @property
-    def span(self) -> tuple[int, int]:
+    def __post_init__(self) -> None:
         ids = self.allowed.nonzero()
         if ids.numel() == 0:
             raise ValueError("TargetPart: no token is allowed")
-        return int(ids.min()), int(ids.max()) + 1
+        # Computed once here: reading it at every step would sync a GPU each time.
+        self.span: tuple[int, int] = (int(ids.min()), int(ids.max()) + 1)
 
     def to(self, device: torch.device | str) -> "TargetPart":
         ends = None if self.end_ids is None else self.end_ids.to(device)
@@ -164,6 +172,11 @@ class _RowSlicedHead(nn.Module):
     def __init__(self, head: nn.Linear, lo: int, hi: int) -> None:
         super().__init__()
         self.inner, self.lo, self.hi = head, lo, hi
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full weight: BiART reads ``head.weight`` for its dtype and device."""
+        return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.inner.weight[self.lo : self.hi])
@@ -213,7 +226,7 @@ def _decode_rows_cached(
             if progress is not None and t < n_new - 1:
                 progress(rows * (n_new - 1 - t))  # the rest is PAD: account for it at once
             break
-        logits = model(tok[:, None], seg, cache=cache, start_pos=prompt_len + t, last_only=True)[:, -1]
+        logits = _span(model(tok[:, None], seg, cache=cache, start_pos=prompt_len + t, last_only=True)[:, -1], part)
     return out
 
 
@@ -235,8 +248,7 @@ def _decode_rows_uncached(
     for t in range(n_new):
         idx = torch.cat([prompt, out[:, :t]], dim=1)
         seg = torch.cat([segments, gen_seg[:, :t]], dim=1)
-        lo, hi = part.span
-        logits = model(idx, seg, last_only=True)[:, -1, lo:hi]  # the full head, then the span
+        logits = _span(model(idx, seg, last_only=True)[:, -1], part)  # the full head, then the span
         tok = _next(logits, part, params, generator, done)
         out[:, t] = tok
         if progress is not None:
@@ -246,6 +258,12 @@ def _decode_rows_uncached(
                 progress(rows * (n_new - 1 - t))
             break
     return out
+
+
+def _span(logits: torch.Tensor, part: TargetPart) -> torch.Tensor:
+    """Logits over the part's span of ids: a no-op for a head already restricted to it."""
+    lo, hi = part.span
+    return logits if logits.shape[-1] == hi - lo else logits[..., lo:hi]
 
 
 def _next(
@@ -280,12 +298,16 @@ def decode(
     batch_size: int = 64,
     use_cache: bool = True,
     progress: Progress | None = None,
+    restrict_head: bool = True,
 ) -> torch.Tensor:
     """Draw ``candidates`` continuations of ``n_new`` tokens for each prompt row.
 
     ``prompt``/``segments``: ``(B, P)``. Returns BiART ids ``(B, candidates, n_new)``. Rows
     decode ``batch_size`` at a time: ``g`` prompts per prefill, each repeated for a chunk of
     ``c`` candidates with ``g * c <= batch_size`` (at least one row).
+
+    ``restrict_head`` (cached decoder only): compute the output head for the allowed span of
+    ids only. The uncached reference always computes the full head and then takes the span.
     """
     if n_new < 1:
         raise ValueError(f"decode: n_new must be >= 1, got {n_new}")
@@ -306,29 +328,29 @@ def decode(
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-      with _head_rows(model, *part.span) if use_cache else nullcontext():
-        for b0 in range(0, B, group):
-            pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
-            nb = pr.shape[0]
-            if use_cache:
-                # The last drawn token is never fed back, hence P + n_new - 1 positions.
-                cache = model.new_cache(nb, max_len=P + n_new - 1)
-                first = model(pr, sg, cache=cache, start_pos=0, last_only=True)[:, -1]
-            for c0 in range(0, candidates, chunk):
-                n = min(chunk, candidates - c0)
+        with _head_rows(model, *part.span) if (use_cache and restrict_head) else nullcontext():
+            for b0 in range(0, B, group):
+                pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
+                nb = pr.shape[0]
                 if use_cache:
-                    # A single chunk of one candidate may write into the prefill cache itself;
-                    # otherwise each chunk needs its own copy (rows diverge from here on).
-                    c = cache if (n == 1 and candidates == 1) else cache.repeat(n)
-                    rows = _decode_rows_cached(
-                        model, c, first.repeat_interleave(n, 0), P, n_new, part, params, generator, progress
-                    )
-                else:
-                    rows = _decode_rows_uncached(
-                        model, pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0), n_new, part, params,
-                        generator, progress,
-                    )
-                out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
+                    # The last drawn token is never fed back, hence P + n_new - 1 positions.
+                    cache = model.new_cache(nb, max_len=P + n_new - 1)
+                    first = _span(model(pr, sg, cache=cache, start_pos=0, last_only=True)[:, -1], part)
+                for c0 in range(0, candidates, chunk):
+                    n = min(chunk, candidates - c0)
+                    if use_cache:
+                        # A single chunk of one candidate may write into the prefill cache itself;
+                        # otherwise each chunk needs its own copy (rows diverge from here on).
+                        c = cache if (n == 1 and candidates == 1) else cache.repeat(n)
+                        rows = _decode_rows_cached(
+                            model, c, first.repeat_interleave(n, 0), P, n_new, part, params, generator, progress
+                        )
+                    else:
+                        rows = _decode_rows_uncached(
+                            model, pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0), n_new, part, params,
+                            generator, progress,
+                        )
+                    out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
     finally:
         model.train(was_training)
     return out

@@ -63,6 +63,9 @@ def test_conditional_logprob_equals_full_forward_reference() -> None:
         got = conditional_logprob(m, cond, target, direction, batch_size=2)
         assert got.shape == (5,)
         assert torch.allclose(got, ref, atol=1e-5), (direction, got, ref)
+        # chunks of target positions (here one position at a time) change nothing
+        assert torch.allclose(conditional_logprob(m, cond, target, direction, batch_size=2, max_logits=1), ref,
+                              atol=1e-5)
         # batched == unbatched
         one = torch.cat([conditional_logprob(m, cond[i : i + 1], target[i : i + 1], direction) for i in range(5)])
         assert torch.allclose(got, one, atol=1e-5)

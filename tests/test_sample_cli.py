@@ -132,6 +132,15 @@ def test_load_image_modes_and_sizes(images: Path) -> None:
         load_image(images / "notes.txt", 16)
 
 
+def test_load_image_16_bit_gray(tmp_path: Path) -> None:
+    import numpy as np
+
+    Image.fromarray(np.full((20, 20), 65535 // 4, dtype=np.uint16)).save(tmp_path / "g16.png")
+    x = load_image(tmp_path / "g16.png", 8)
+    assert x.shape == (3, 8, 8)
+    assert torch.allclose(x, torch.full_like(x, round(255 / 4) / 127.5 - 1), atol=1e-6)  # rescaled, not clipped
+
+
 # ------------------------------------------------------------------------------------------
 # text -> image
 
@@ -280,3 +289,14 @@ def test_clip_weights_file_from_cli(ckpt: Path, tmp_path: Path) -> None:
                  "--clip-weights", str(path), "--out", str(tmp_path / "o"), *BASE]) == 0
     rep = json.loads((tmp_path / "o" / "samples.json").read_text())
     assert rep["rerank"] == "clip" and len(rep["prompts"][0]["images"][0]["scores"]["clip"]) == 2
+
+
+def test_default_checkpoint_from_environment(ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from lverse.pipeline import default_checkpoint_dir
+
+    monkeypatch.delenv("LVERSE_CHECKPOINT", raising=False)
+    assert default_checkpoint_dir().parts[-2:] == ("checkpoints", "shapes")
+    monkeypatch.setenv("LVERSE_CHECKPOINT", str(ckpt))
+    assert default_checkpoint_dir() == ckpt
+    assert main(["--text", "a red circle", "--candidates", "2", "--out", str(tmp_path), *BASE]) == 0
+    assert json.loads((tmp_path / "samples.json").read_text())["checkpoint"] == str(ckpt)

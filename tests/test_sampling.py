@@ -96,6 +96,38 @@ def test_greedy_cached_equals_uncached_image_to_text(batch_size: int) -> None:
     assert bool(ends.any()) and not bool(ends.all())
 
 
+def test_sampled_cached_equals_uncached_with_same_seed() -> None:
+    """Both decoders draw from logits of the same shape in the same order: same seed, same tokens."""
+    m = tiny(3, scale=10)
+    text, codes = random_text(m, 2), random_codes(m, 2)
+    kw = dict(temperature=1.5, top_k=10, top_p=0.95, seed=123, batch_size=3)
+    a = generate_images(m, text, 3, **kw)
+    assert torch.equal(a, generate_images(m, text, 3, use_cache=False, **kw))
+    assert len({tuple(r.tolist()) for r in a.flatten(0, 1)}) == 6
+    c = generate_captions(m, codes, 3, max_text_tokens=6, eot_id=EOT, **kw)
+    assert torch.equal(c, generate_captions(m, codes, 3, max_text_tokens=6, eot_id=EOT, use_cache=False, **kw))
+
+
+def test_head_is_restored_after_decoding_and_on_error() -> None:
+    m = tiny()
+    head = m.head
+    generate_images(m, random_text(m, 1), 2, seed=0)
+    assert m.head is head
+    calls = {"n": 0}
+
+    def boom(mod, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+
+    h = m.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_images(m, random_text(m, 1), 2, seed=0)
+    h.remove()
+    assert m.head is head and isinstance(m.head, torch.nn.Linear)
+    assert set(dict(m.named_modules())) == set(dict(tiny().named_modules()))
+
+
 def test_greedy_matches_step_by_step_argmax_of_full_forward() -> None:
     """Independent reference: argmax of a plain full forward, one token at a time."""
     m = tiny(2, scale=10)
