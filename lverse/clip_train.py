@@ -707,12 +707,16 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
         history.append(logs)
         if bar is not None:
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                recent = history[-tc.log_every :]
-                bar.set_postfix(loss=f"{sum(h['loss'] for h in recent) / len(recent):.3f}",
-                                acc=f"{sum(h['acc'] for h in recent) / len(recent):.2f}",
-                                hn=f"{sum(h['hardneg_acc'] for h in recent) / len(recent):.2f}",
+        if tc.log_every > 0 and ((step + 1) % tc.log_every == 0 or step == tc.max_steps - 1):
+            recent = history[-tc.log_every :]
+            avg = {k: sum(h[k] for h in recent) / len(recent) for k in ("loss", "acc", "hardneg_acc")}
+            if bar is not None:
+                bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['acc']:.2f}", hn=f"{avg['hardneg_acc']:.2f}",
                                 T=f"{logs['logit_scale']:.1f}")
+            else:  # no bar (logs, CI): one line per log interval
+                print(f"step {step + 1}/{tc.max_steps} loss {avg['loss']:.3f} acc {avg['acc']:.3f} "
+                      f"hardneg {avg['hardneg_acc']:.3f} scale {logs['logit_scale']:.1f} lr {lr:.2e} "
+                      f"{time.perf_counter() - t0:.0f}s", flush=True)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if bar is not None:
         bar.close()
