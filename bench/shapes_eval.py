@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Shapes benchmark report (see lverse/eval/benchmark.py):
+
+    python bench/shapes_eval.py --checkpoint checkpoints/shapes --n 500 --candidates 16
+"""
+import sys
+
+from lverse.eval.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Bundle trained runs into the checkpoint directory `sample.py` loads.
+
+    python -m lverse.bundle --augvae runs/shapes_augvae_sl --biart runs/shapes_biart \
+        [--clip runs/shapes_clip/clip.safetensors] --out checkpoints/shapes
+
+The AugVAE-SL and BiART may be given as weights files or run directories (their exported
+``model.safetensors``, else their latest checkpoint); the tokenizer is the one saved with the
+BiART run. The bundle is checked for consistency (vocabulary sizes, token grid) on the way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .models.augvae import AugVAE
+from .models.biart import BiART
+from .pipeline import LVersePipeline, load_clip
+from .tokenizer import TextTokenizer
+from .train.stage1 import resolve_weights
+
+
+def find_tokenizer(biart_path: str | Path) -> Path:
+    p = Path(biart_path)
+    weights = resolve_weights(p)
+    for cand in (weights.parent / "tokenizer.json", p / "tokenizer.json"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no tokenizer.json next to {weights} or in {p}; pass --tokenizer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lverse.bundle", description=__doc__.splitlines()[0])
+    ap.add_argument("--augvae", required=True)
+    ap.add_argument("--biart", required=True)
+    ap.add_argument("--tokenizer", default="")
+    ap.add_argument("--clip", default="", help="clip.safetensors (optional)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        augvae = AugVAE.load(resolve_weights(args.augvae))
+        biart = BiART.load(resolve_weights(args.biart)).float()
+        tokenizer = TextTokenizer.load(args.tokenizer or find_tokenizer(args.biart))
+        pipe = LVersePipeline(augvae, biart, tokenizer)
+        if args.clip:
+            model, meta = load_clip(args.clip)
+            pipe.set_clip(model, meta["model_cfg"], meta.get("model_name", "custom"))
+            pipe._clip_meta = meta  # keep preprocessing and training notes with the bundle
+        out = pipe.save(args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"[bundle] wrote {out} ({total / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole L-Verse recipe on the built-in Shapes data, sized for a 2-core CPU (faster on a GPU):
+#   1. stage 1a  AugVAE-ML                       runs/shapes_augvae_ml
+#   2. stage 1b  AugVAE-SL finetuned from it     runs/shapes_augvae_sl
+#   3. a Shapes BPE (CLIP's recipe)              runs/shapes_tokenizer.json
+#   4. token encoding with the AugVAE-SL         runs/shapes_tokens
+#   5. stage 2   BiART                           runs/shapes_biart
+#   6. a tiny CLIP trained contrastively         runs/shapes_clip
+#   7. the bundle sample.py loads                $OUT (default checkpoints/shapes)
+#   8. the benchmark report                      $OUT/report.md (+ .json)
+# Each step is skipped when its output exists, so a killed run continues where it stopped
+# (an interrupted training step resumes from its last checkpoint). FRESH=1 starts over.
+#   bash scripts/shapes/train_all.sh
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"
+OUT="${OUT:-checkpoints/shapes}"
+RUNS="${RUNS:-runs}"
+DEVICE="${DEVICE:-auto}"
+EVAL_N="${EVAL_N:-500}"
+EVAL_CANDIDATES="${EVAL_CANDIDATES:-16}"
+[ "${FRESH:-0}" = 1 ] && rm -rf "$RUNS"/shapes_augvae_ml "$RUNS"/shapes_augvae_sl "$RUNS"/shapes_tokenizer.json \
+  "$RUNS"/shapes_tokens "$RUNS"/shapes_biart "$RUNS"/shapes_clip
+mkdir -p "$RUNS"
+start=$(date +%s)
+stamp() { echo "[train_all] $1 done after $(( $(date +%s) - start ))s" | tee -a "$RUNS/shapes_train_all.log"; }
+
+train_stage() {  # $1 script, $2 config, $3 run dir, rest: overrides; resumes a half-finished run
+  local script=$1 config=$2 dir=$3; shift 3
+  if [ -f "$dir/model.safetensors" ]; then return; fi
+  if [ -f "$dir/checkpoints/latest" ]; then
+    python "$script" --resume "$dir" "$@"
+  else
+    python "$script" --config "$config" train.run_dir="$dir" train.device="$DEVICE" "$@"
+  fi
+}
+
+train_stage train_augvae.py configs/shapes_augvae_ml.yaml "$RUNS/shapes_augvae_ml"; stamp "stage 1a (AugVAE-ML)"
+train_stage train_augvae.py configs/shapes_augvae_sl.yaml "$RUNS/shapes_augvae_sl" init_from="$RUNS/shapes_augvae_ml"; stamp "stage 1b (AugVAE-SL)"
+[ -f "$RUNS/shapes_tokenizer.json" ] || lverse train-tokenizer --data shapes --vocab-size 600 --out "$RUNS/shapes_tokenizer.json"
+[ -f "$RUNS/shapes_tokens/meta.json" ] || lverse encode --augvae "$RUNS/shapes_augvae_sl" --data shapes --size 20000 \
+  --out "$RUNS/shapes_tokens" --num-workers 0 --device "$DEVICE"
+stamp "tokenizer + encoding"
+train_stage train_biart.py configs/shapes_biart.yaml "$RUNS/shapes_biart" "data.tokens=[$RUNS/shapes_tokens]" data.tokenizer="$RUNS/shapes_tokenizer.json"; stamp "stage 2 (BiART)"
+[ -f "$RUNS/shapes_clip/clip.safetensors" ] || python -m lverse.clip_train --config configs/shapes_clip.yaml train.run_dir="$RUNS/shapes_clip"
+stamp "CLIP"
+python -m lverse.bundle --augvae "$RUNS/shapes_augvae_sl" --biart "$RUNS/shapes_biart" --clip "$RUNS/shapes_clip/clip.safetensors" --out "$OUT"
+python bench/shapes_eval.py --checkpoint "$OUT" --n "$EVAL_N" --candidates "$EVAL_CANDIDATES" --out "$OUT"
+stamp "bundle + benchmark"

@@ -1,0 +1,278 @@
+"""The tiny Shapes CLIP: hard negatives, the loss, the fast text path, training, files, CLI.
+
+Everything runs on the CPU with tiny widths; open_clip is only ever given config dicts (no
+``pretrained``), so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lverse.clip_train import (
+    CLIP_BPE_VOCAB,
+    NEGATIVE_KINDS,
+    CachedTokenizer,
+    ClipTrainConfig,
+    CompactVocab,
+    build_clip,
+    build_tokenizer,
+    contrastive_loss,
+    encode_text,
+    fit_clip,
+    hard_negatives,
+    load_clip,
+    main,
+    make_batch,
+    perturb,
+    save_run,
+    scene_key,
+    shapes_words,
+)
+from lverse.config import ConfigError, from_dict
+from lverse.data.shapes import Scene, ShapeObject, ShapesDataset, phrasings
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "model": {"embed_dim": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 1, "vision_head_width": 16,
+              "text_width": 32, "text_heads": 2, "text_layers": 1, "context_length": 32},
+    "data": {"train_size": 2000, "hard_negatives": 2},
+    "train": {"batch_size": 32, "max_steps": 60, "lr": 3e-3, "warmup_steps": 5, "progress": False, "log_every": 0},
+    "eval": {"test_size": 24, "negatives_per_kind": 1},
+}
+
+
+def tiny_cfg(**sections: dict) -> ClipTrainConfig:
+    data = {k: {**v, **sections.get(k, {})} for k, v in TINY.items()}
+    return from_dict(ClipTrainConfig, data)
+
+
+def _obj(shape: str, colour: str, size: str, x: float = 0.5, y: float = 0.5) -> ShapeObject:
+    return ShapeObject(shape, colour, size, x, y)
+
+
+# --- scenes and hard negatives ----------------------------------------------------------------
+
+
+def test_scene_key_is_equal_exactly_when_captions_coincide() -> None:
+    a, b = _obj("circle", "red", "small"), _obj("square", "blue", "large")
+    above = Scene([a, b], relation="above")
+    below = Scene([b, a], relation="below")  # the same picture, chained the other way
+    assert scene_key(above) == scene_key(below)
+    assert set(phrasings(above)) == set(phrasings(below))
+    swapped = Scene([a, b], relation="below")  # "red circle below blue square": another scene
+    assert scene_key(swapped) != scene_key(above)
+    assert not set(phrasings(swapped)) & set(phrasings(above))
+    one = Scene([a], position="left")
+    assert scene_key(one) != scene_key(Scene([a], position="right"))
+
+
+def _diff(scene: Scene, neg: Scene) -> dict[str, int]:
+    if len(scene.objects) != len(neg.objects):
+        return {"count": 1}
+    out = {k: sum(getattr(o, k) != getattr(p, k) for o, p in zip(scene.objects, neg.objects))
+           for k in ("colour", "shape", "size")}
+    out["relation"] = int(scene.relation != neg.relation)
+    out["position"] = int(scene.position != neg.position)
+    return out
+
+
+def test_perturbations_change_exactly_what_their_kind_names() -> None:
+    ds = ShapesDataset("test", size=80, max_objects=3)
+    rng = random.Random(0)
+    seen: set[str] = set()
+    for i in range(len(ds)):
+        sc = ds.scene(i)
+        for kind in NEGATIVE_KINDS:
+            neg = perturb(sc, kind, rng)
+            if neg is None:
+                n = len(sc.objects)
+                assert (kind == "position" and n > 1) or (kind in ("relation", "swap") and n == 1) or kind == "swap"
+                continue
+            seen.add(kind)
+            assert scene_key(neg) != scene_key(sc)
+            assert not set(phrasings(neg)) & set(phrasings(sc)), (kind, phrasings(sc)[0], phrasings(neg)[0])
+            d = _diff(sc, neg)
+            if kind in ("colour", "shape", "size"):
+                assert d[kind] == 1 and sum(d.values()) == 1, (kind, d)
+            elif kind in ("relation", "position"):
+                assert d[kind] == 1 and sum(v for k, v in d.items() if k != kind) == 0, (kind, d)
+            else:  # swap: one attribute exchanged between two neighbours
+                changed = [k for k in ("colour", "shape", "size") if d[k]]
+                assert len(changed) == 1 and d[changed[0]] == 2 and d["relation"] == 0
+                k = changed[0]
+                assert sorted(getattr(o, k) for o in sc.objects) == sorted(getattr(o, k) for o in neg.objects)
+    assert seen == set(NEGATIVE_KINDS)
+    with pytest.raises(ValueError, match="unknown perturbation kind"):
+        perturb(ds.scene(0), "texture", rng)
+
+
+def test_hard_negatives_are_distinct_scenes() -> None:
+    ds = ShapesDataset("train", size=40)
+    rng = random.Random(1)
+    for i in range(len(ds)):
+        sc = ds.scene(i)
+        negs = hard_negatives(sc, 4, rng)
+        keys = {scene_key(n) for n in negs}
+        assert len(negs) == 4 and len(keys) == 4 and scene_key(sc) not in keys
+
+
+def test_make_batch_layout() -> None:
+    ds = ShapesDataset("train", size=16)
+    b = make_batch(ds, range(8), 3, random.Random(0))
+    assert b.images.shape == (8, 3, 64, 64) and float(b.images.min()) >= -1 and float(b.images.max()) <= 1
+    assert len(b.captions) == len(b.text_keys) == 8 + len(b.negative_owner) == 8 + 24
+    for i in range(8):
+        sc = ds.scene(i)
+        assert b.captions[i] in phrasings(sc) and b.image_keys[i] == b.text_keys[i] == scene_key(sc)
+    for j, owner in enumerate(b.negative_owner):
+        assert b.text_keys[8 + j] != b.image_keys[owner]
+
+
+# --- loss and the fast text path ----------------------------------------------------------------
+
+
+def test_contrastive_loss_matches_open_clip_and_masks_false_negatives() -> None:
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(6, 16), dim=-1)
+    txt = F.normalize(torch.randn(6, 16), dim=-1)
+    scale = torch.tensor(10.0)
+    keys = [("k", i) for i in range(6)]
+    loss, logs = contrastive_loss(img, txt, scale, keys, keys)
+    torch.testing.assert_close(loss, ClipLoss()(img, txt, scale))
+
+    # Extra negatives enter image->text only; a caption describing image 0 as well as its own
+    # (same key) leaves both softmaxes of image 0 / caption 0.
+    extra = F.normalize(torch.randn(3, 16), dim=-1)
+    ikeys = [("k", 0)] + keys[1:5] + [("k", 0)]  # images 0 and 5 show the same scene
+    tkeys = ikeys + [("n", 0), ("n", 1), ("k", 0)]  # the last extra text describes images 0 and 5
+    allt = torch.cat([txt, extra])
+    loss, _ = contrastive_loss(img, allt, scale, ikeys, tkeys)
+    logits = scale * img @ allt.T
+    ref_i2t = []
+    for i in range(6):
+        keep = [j for j in range(9) if j == i or tkeys[j] != ikeys[i]]
+        ref_i2t.append(-torch.log_softmax(logits[i, keep], 0)[keep.index(i)])
+    ref_t2i = []
+    for j in range(6):
+        keep = [i for i in range(6) if i == j or ikeys[i] != tkeys[j]]
+        ref_t2i.append(-torch.log_softmax(logits[keep, j], 0)[keep.index(j)])
+    ref = (torch.stack(ref_i2t).mean() + torch.stack(ref_t2i).mean()) / 2
+    torch.testing.assert_close(loss, ref)
+
+
+def test_encode_text_trimmed_equals_open_clip() -> None:
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_clip(cfg.model.open_clip_cfg()).eval()
+    tok = build_tokenizer(32)
+    texts = ["a small red circle on the left", "there is a large blue square above a small green diamond", "a"]
+    ids = tok(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text(model, ids), model.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_compact_vocab_trains_the_same_function() -> None:
+    cfg = tiny_cfg()
+    bpe = build_tokenizer(32)
+    vocab = CompactVocab.for_shapes(bpe, CLIP_BPE_VOCAB)
+    # every word of the grammar, and the start/end/pad ids, are in it
+    assert {0, 49406, 49407} <= set(vocab.ids.tolist()) and len(vocab) < 60
+    full_cfg = cfg.model.open_clip_cfg()
+    small_cfg = {**full_cfg, "text_cfg": {**full_cfg["text_cfg"], "vocab_size": len(vocab)}}
+    torch.manual_seed(0)
+    small = build_clip(small_cfg).eval()
+    full = vocab.expand(small, build_clip(full_cfg)).eval()
+    texts = [" ".join(shapes_words()[:12]), "there is a large purple triangle to the right of a small cyan square"]
+    ids = bpe(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(full.encode_text(ids), small.encode_text(vocab.compact(ids)))
+    with pytest.raises(ValueError, match="not in the compact Shapes vocabulary"):
+        vocab.compact(bpe(["a zebra"]))
+
+
+# --- training, files, reranker contract ----------------------------------------------------------
+
+
+def test_tiny_training_learns_and_round_trips(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_cfg()
+    run = fit_clip(cfg)
+    losses = [h["loss"] for h in run.history]
+    assert len(losses) == cfg.train.max_steps and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.3, (first, last)
+    for k in ("hardneg/all", "hardneg/colour", "retrieval/i2t_top1", "retrieval/t2i_top1", "heldout/hardneg_all"):
+        assert 0.0 <= run.metrics[k] <= 1.0, (k, run.metrics[k])
+    # the saved model has the full CLIP BPE vocabulary (what ClipReranker's tokenizer needs)
+    assert run.model.token_embedding.weight.shape[0] == CLIP_BPE_VOCAB
+
+    root = save_run(run, cfg, tmp_path / "run")
+    for name in ("clip.safetensors", "clip.json", "config.yaml", "metrics.json"):
+        assert (root / name).is_file(), name
+    meta = json.loads((root / "clip.json").read_text())
+    assert meta["kind"] == "clip" and meta["model_cfg"] == cfg.model.open_clip_cfg()
+    assert meta["preprocess_cfg"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+    model, meta2 = load_clip(root)
+    assert meta2["model_name"] == meta["model_name"]
+    ds = ShapesDataset("test", size=4)
+    images = torch.stack([ds[i]["image"] for i in range(4)])
+    tokens = build_tokenizer(32)([ds[i]["caption"] for i in range(4)])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), run.model.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), run.model.encode_text(tokens))
+        assert torch.equal(model.logit_scale, run.model.logit_scale)
+
+    # The reranker reads the same files and feeds the model exactly the [-1, 1] images.
+    from lverse.pipeline import load_clip as pipeline_load_clip
+    from lverse.rerank import ClipReranker
+
+    pmodel, _ = pipeline_load_clip(root / "clip.safetensors")
+    rr = ClipReranker(pmodel)
+    texts = [ds[i]["caption"] for i in range(4)]
+    with torch.no_grad():
+        ref = (F.normalize(run.model.encode_image(images), dim=-1)
+               * F.normalize(run.model.encode_text(tokens), dim=-1)).sum(-1)
+    torch.testing.assert_close(rr.score(images, texts), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_runs_shipped_config_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(1)
+    overrides = [f"{s}.{k}={json.dumps(v)}" for s in ("model", "eval") for k, v in TINY[s].items()]
+    run_dir = tmp_path / "cli"
+    rc = main(["--config", str(REPO / "configs" / "shapes_clip.yaml"), *overrides, "train.max_steps=2",
+               "train.batch_size=8", "data.hard_negatives=1", "train.progress=false", f"train.run_dir={run_dir}"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run_dir"] == str(run_dir) and out["steps"] == 2
+    model, meta = load_clip(run_dir / "clip.safetensors")
+    assert meta["model_cfg"]["vision_cfg"]["width"] == TINY["model"]["vision_width"]
+
+    assert main(["--config", str(REPO / "configs" / "shapes_clip.yaml"), "model.vocab_size=1000"]) == 2
+    assert "model.vocab_size=1000" in capsys.readouterr().err
+    assert main(["--config", str(REPO / "configs" / "shapes_clip.yaml"), "model.image_size=32"]) == 2
+    assert "data.resolution" in capsys.readouterr().err
+
+
+def test_load_clip_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_clip(tmp_path)
+    (tmp_path / "clip.json").write_text(json.dumps({"kind": "augvae"}))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "clip.safetensors"))
+    with pytest.raises(ValueError, match="expected"):
+        load_clip(tmp_path)
+    cfg = tiny_cfg()
+    (tmp_path / "clip.json").write_text(json.dumps({"kind": "clip", "model_cfg": cfg.model.open_clip_cfg()}))
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load_clip(tmp_path)
