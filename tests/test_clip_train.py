@@ -40,7 +40,7 @@ from lverse.data.shapes import Scene, ShapeObject, ShapesDataset, phrasings
 REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
-    "model": {"embed_dim": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 1, "vision_head_width": 16,
+    "model": {"embed_dim": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1, "vision_head_width": 16,
               "text_width": 32, "text_heads": 2, "text_layers": 1, "context_length": 32},
     "data": {"train_size": 2000, "hard_negatives": 2},
     "train": {"batch_size": 32, "max_steps": 60, "lr": 3e-3, "warmup_steps": 5, "progress": False, "log_every": 0},
@@ -250,9 +250,12 @@ def test_cli_runs_shipped_config_and_reports_errors(tmp_path: Path, capsys: pyte
     overrides = [f"{s}.{k}={json.dumps(v)}" for s in ("model", "eval") for k, v in TINY[s].items()]
     run_dir = tmp_path / "cli"
     rc = main(["--config", str(REPO / "configs" / "shapes_clip.yaml"), *overrides, "train.max_steps=2",
-               "train.batch_size=8", "data.hard_negatives=1", "train.progress=false", f"train.run_dir={run_dir}"])
+               "train.batch_size=8", "data.hard_negatives=1", "train.progress=false", "train.threads=1",
+               f"train.run_dir={run_dir}"])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert printed.startswith("step 2/2 loss ")  # the per-interval line when there is no progress bar
+    out = json.loads(printed[printed.index("{"):])
     assert out["run_dir"] == str(run_dir) and out["steps"] == 2
     model, meta = load_clip(run_dir / "clip.safetensors")
     assert meta["model_cfg"]["vision_cfg"]["width"] == TINY["model"]["vision_width"]

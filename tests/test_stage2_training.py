@@ -112,6 +112,7 @@ def test_cli_describe_and_vocab_mismatch(shapes_tokens: tuple[Path, Path], tmp_p
 
     assert json.loads(capsys.readouterr().out)["params"] == 522_170_368
     d["model"]["num_text_tokens"] = 123
+    d["auto_vocab"] = False
     p.write_text(yaml.safe_dump(d))
     assert stage2_main(["--config", str(p)]) == 2
     assert "num_text_tokens" in capsys.readouterr().err

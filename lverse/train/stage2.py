@@ -8,6 +8,7 @@ every batch (half each).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class Stage2DataConfig:
 class Stage2Config:
     model: BiARTConfig = field(default_factory=BiARTConfig)
     data: Stage2DataConfig = field(default_factory=Stage2DataConfig)
+    # true: the model's text vocabulary, codebook size and image length follow the tokenizer and
+    # the token data (the resolved config in the run directory shows the values used)
+    auto_vocab: bool = True
     directions: str = "alternate"  # alternate | mixed | t2i | i2t
     ref_weight: float = 1.0        # weight of the REF-part NLL
     gen_weight: float = 1.0        # weight of the GEN-part NLL
@@ -60,6 +64,9 @@ def load_tokenizer(spec: str) -> TextTokenizer:
 
 
 def build_stage2_model(cfg: Stage2Config, tokenizer: TextTokenizer, dataset: TokenDataset) -> BiART:
+    if cfg.auto_vocab:
+        cfg.model = dataclasses.replace(cfg.model, num_text_tokens=tokenizer.vocab_size, image_len=dataset.tokens_per_image,
+                                        num_image_codes=max(cfg.model.num_image_codes, dataset.codebook_size))
     if cfg.model.num_text_tokens != tokenizer.vocab_size:
         raise ConfigError(f"model.num_text_tokens={cfg.model.num_text_tokens} but the tokenizer has {tokenizer.vocab_size} tokens")
     if cfg.model.image_len != dataset.tokens_per_image:
