@@ -167,6 +167,7 @@ class ClipOptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.1     # on weight matrices only (not norms, biases, embeddings, logit scale)
     grad_clip: float = 1.0
+    init_logit_scale: float = 1 / 0.07  # exp(logit_scale) at the start (CLIP's 1/temperature)
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     threads: int = 0              # torch intra-op threads; 0 = leave PyTorch's default
     log_every: int = 25
@@ -665,6 +666,8 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
                        max_objects=cfg.data.max_objects, holdout=cfg.data.holdout, min_objects=cfg.data.min_objects)
     if len(ds) < tc.batch_size:
         raise ConfigError(f"data.train_size={len(ds)} is smaller than train.batch_size={tc.batch_size}")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(tc.init_logit_scale))
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps)
     rng = random.Random(f"lverse-clip-train/{tc.seed}")
     max_log_scale = math.log(tc.max_logit_scale)

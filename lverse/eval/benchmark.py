@@ -95,7 +95,10 @@ def run_benchmark(
     i2t_top_p: float = 0.9,
     i2t_temperature: float = 1.0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    picks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Run the benchmark; ``picks`` (if given) receives, per reranker, the chosen captions
+    (``"captions/<r>"``) and images (``"images/<r>"``, (n,3,R,R)) for pictures and demos."""
     use_clip = pipe.has_clip and any("clip" in r for r in rerankers)
     rerankers = [r for r in rerankers if use_clip or "clip" not in r]
     ds = ShapesDataset("test", size=n, seed=seed, resolution=pipe.resolution)
@@ -140,7 +143,10 @@ def run_benchmark(
         if "clip+cycle" in rerankers and clip is not None:
             scores["clip+cycle"] = combine_scores([scores["clip"], scores["cycle"]])
         for r in rerankers:
-            tally.add(r, i, bool(ok[0]) if r == "none" else bool(ok[_pick(scores[r])]))
+            j = 0 if r == "none" else _pick(scores[r])
+            tally.add(r, i, bool(ok[j]))
+            if picks is not None:
+                picks.setdefault(f"captions/{r}", []).append(texts[i][j])
         for r, s in scores.items():
             tally.add_auc(r, *_auc(s, ok))
     report["image_to_text"] = tally.summary()
@@ -167,12 +173,19 @@ def run_benchmark(
         if "clip+cycle" in rerankers and clip is not None:
             scores["clip+cycle"] = combine_scores([scores["clip"], scores["cycle"]])
         for r in rerankers:
-            tally.add(r, i, bool(ok[0]) if r == "none" else bool(ok[_pick(scores[r])]))
+            j = 0 if r == "none" else _pick(scores[r])
+            tally.add(r, i, bool(ok[j]))
+            if picks is not None:
+                picks.setdefault(f"images/{r}", []).append(imgs[j].cpu())
         for r, s in scores.items():
             tally.add_auc(r, *_auc(s, ok))
     report["text_to_image"] = tally.summary()
     log(f"[bench] text->image {json.dumps({k: v['exact'] for k, v in report['text_to_image'].items() if isinstance(v, dict) and 'exact' in v})} ({time.time() - t2:.0f}s)")
     report["seconds"] = round(time.time() - t0, 1)
+    if picks is not None:
+        picks["truth_images"], picks["truth_captions"], picks["recon"] = images, captions, recon
+        for k in [k for k in picks if k.startswith("images/")]:
+            picks[k] = torch.stack(picks[k])
     return report
 
 
