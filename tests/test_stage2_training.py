@@ -124,19 +124,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str) -> None:
+def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str, strategy: str = "ddp") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = cfg_for(Path(tokens), Path(tok), Path(run_dir), max_steps=4, grad_accum=2, batch_size=4)
+    cfg = cfg_for(Path(tokens), Path(tok), Path(run_dir), max_steps=4, grad_accum=2, batch_size=4, strategy=strategy,
+                  grad_clip=1.0)
     tr = Trainer(cfg.train, lambda: Stage2Task(cfg), full_config=cfg)
     tr.fit()
-    torch.save(tr.task.model.state_dict(), f"{out}/r{rank}.pt")
+    state = tr.export_state()  # collective under FSDP
+    if strategy == "ddp":
+        state = tr.task.model.state_dict()  # this rank's own replica
+    torch.save(state, f"{out}/{strategy}_r{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_processes_hold_identical_weights(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
     tokens, tok = shapes_tokens
     mp.spawn(_worker, args=(_free_port(), str(tokens), str(tok), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
-    a = torch.load(tmp_path / "r0.pt", weights_only=True)
-    b = torch.load(tmp_path / "r1.pt", weights_only=True)
+    a = torch.load(tmp_path / "ddp_r0.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp_r1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # FSDP (sharded weights, grads and optimizer state) trains the same model as DDP
+    mp.spawn(_worker, args=(_free_port(), str(tokens), str(tok), str(tmp_path / "fsdp"), str(tmp_path), "fsdp"),
+             nprocs=2, join=True)
+    f = torch.load(tmp_path / "fsdp_r0.pt", weights_only=True)
+    assert f.keys() == a.keys()
+    for k in a:
+        assert torch.allclose(f[k], a[k], atol=1e-5, rtol=1e-4), k
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step_0000004"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "state.pt").is_file()

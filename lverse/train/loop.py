@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..config import dump_yaml
+from ..io import atomic_write_text, save_weights
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
 from .logger import RunLogger
@@ -63,6 +64,7 @@ class TrainConfig:
     keep_last: int = 3
     num_workers: int = 2
     compile: bool = False
+    strategy: str = "ddp"             # ddp | fsdp (shard weights, grads and optimizer state over ranks)
     tensorboard: bool = True
     progress: bool = True
 
@@ -143,6 +145,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir or Path("runs") / cfg.name)
         self.full_config = full_config
         self.resume = resume
+        self.fsdp = False
         self._stop_signal: int | None = None
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = task_factory()
@@ -177,7 +180,40 @@ class Trainer:
             raise FileNotFoundError(f"--resume {p}: no checkpoint found (looked for {p}/checkpoints/latest)")
         return latest
 
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 model weights (collective under FSDP: every rank must call it)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.task.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: (v.float() if v.is_floating_point() else v) for k, v in full.items()}
+        return self.precision.model_state_dict(self.task.model)
+
+    def export(self) -> Path | None:
+        """Write the final weights (+ the task's extra files) into the run directory, for
+        inference and for the next stage's ``init_from``. Collective under FSDP."""
+        state = self.export_state()
+        if not self.info.is_main:
+            return None
+        path = save_weights(self.run_dir / "model.safetensors", state, self.task.model_meta())
+        for name, text in self.task.extra_files().items():
+            atomic_write_text(self.run_dir / name, text)
+        return path
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.task.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
     def _save(self, ckpt: CheckpointManager, step: int, extra_state: dict[str, Any], collective: bool = True) -> Path | None:
+        if self.fsdp and not collective:
+            print("[lverse] no crash checkpoint under FSDP (gathering the shards needs every rank)", file=sys.stderr)
+            return None
+        model_state = self.export_state()
+        optim_state = self._optimizer_state()
         rngs = [rng_state()]
         if collective and self.info.distributed:
             gathered: list[Any] = [None] * self.info.world_size
@@ -187,7 +223,7 @@ class Trainer:
         if self.info.is_main:
             state = {
                 "step": step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optim_state,
                 "schedule": self.schedule.state_dict(),
                 "precision": self.precision.state_dict(),
                 "rng": rngs,
@@ -196,7 +232,7 @@ class Trainer:
             }
             path = ckpt.save(
                 step,
-                self.precision.model_state_dict(self.task.model),
+                model_state,
                 self.task.model_meta(),
                 state,
                 self.task.extra_files(),
@@ -204,6 +240,27 @@ class Trainer:
         if collective:
             barrier()
         return path
+
+    def _shard(self, model: nn.Module) -> None:
+        """FSDP2: shard each transformer block (if the model has ``blocks``) and the root.
+
+        The sharded parameters stay fp32 and are the optimizer's master weights; with
+        ``precision=bf16`` they are gathered in bf16 for compute and gradients reduced in fp32
+        (FSDP's own mixed precision). fp16 modes need a loss scaler FSDP does not share with
+        lverse's: use DDP for fp16/fp16-o2 (BiART at paper size fits one GPU under O2).
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.strategy=fsdp supports precision fp32 or bf16, not {self.cfg.precision} (use strategy=ddp)")
+        if self.cfg.precision == "bf16":
+            self.precision = build_precision("fp32", self.info.device)  # FSDP casts; no autocast needed
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -229,7 +286,12 @@ class Trainer:
         self.precision = build_precision(cfg.precision, device)
         self.precision.prepare_model(task.model)
         model: nn.Module = task.model
-        if info.distributed:
+        if cfg.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"train.strategy={cfg.strategy!r} is not one of ('ddp', 'fsdp')")
+        self.fsdp = cfg.strategy == "fsdp" and info.distributed
+        if self.fsdp:
+            self._shard(task.model)
+        elif info.distributed:
             # Start every replica from rank 0's state, buffers included (DDP would only sync the
             # parameters, and with broadcast_buffers=False not the buffers, e.g. the codebook).
             with torch.no_grad():
@@ -252,7 +314,13 @@ class Trainer:
         step, epoch, pos = 0, 0, 0
         skipped_items = 0
         if train_state is not None:
-            self.optimizer.load_state_dict(train_state["optimizer"])
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(task.model, self.optimizer, train_state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(train_state["optimizer"])
             self.schedule.load_state_dict(train_state["schedule"])
             self.precision.load_state_dict(train_state["precision"])
             if hasattr(self.precision, "load_master_from_model_state"):
@@ -336,7 +404,11 @@ class Trainer:
                     if task.batch_size_of(batch) == 0:
                         continue
                     last = n_micro == cfg.grad_accum - 1
-                    sync = contextlib.nullcontext() if (last or not info.distributed) else model.no_sync()  # type: ignore[operator]
+                    if self.fsdp:  # FSDP: reduce-scatter the gradients on the last micro-step only
+                        task.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                        sync = contextlib.nullcontext()
+                    else:
+                        sync = contextlib.nullcontext() if (last or not info.distributed) else model.no_sync()  # type: ignore[operator]
                     with sync:
                         loss, logs = task.training_step(model, batch, step, self.precision.autocast)
                         self.precision.backward(loss / cfg.grad_accum)

@@ -31,6 +31,9 @@ def _clip(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if any(type(g).__name__ == "DTensor" for g in grads):  # FSDP shards: torch computes the global norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..config import ConfigError, load_config, load_yaml, to_dict
 from ..data import build_image_dataset
-from ..io import save_weights
 from ..models.augvae import AugVAE, AugVAEConfig, ml_to_sl
 from ..perceptual import build_lpips
 from .loop import Task, TrainConfig, Trainer
@@ -199,11 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             resume = resolve_resume_dir(args.resume, cfg.train)
         trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg, resume=resume)
         result = trainer.fit()
-        if trainer.info.is_main and not result["stopped"]:
-            model = trainer.task.model
-            save_weights(Path(result["run_dir"]) / "model.safetensors",
-                         trainer.precision.model_state_dict(model), trainer.task.model_meta())
-            print(json.dumps(result))
+        if not result["stopped"]:
+            trainer.export()
+            if trainer.info.is_main:
+                print(json.dumps(result))
         return 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

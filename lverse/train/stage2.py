@@ -20,7 +20,6 @@ from torch import nn
 
 from ..config import ConfigError, load_config, to_dict
 from ..data.tokens import TokenDataset
-from ..io import save_weights
 from ..models.biart import BiART, BiARTConfig
 from ..tokenizer import TextTokenizer
 from .loop import Task, TrainConfig, Trainer
@@ -178,11 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         resume = resolve_resume_dir(args.resume, cfg.train) if args.resume is not None else None
         trainer = Trainer(cfg.train, lambda: Stage2Task(cfg), full_config=cfg, resume=resume)
         result = trainer.fit()
-        if trainer.info.is_main and not result["stopped"]:
-            run_dir = Path(result["run_dir"])
-            save_weights(run_dir / "model.safetensors", trainer.precision.model_state_dict(trainer.task.model), trainer.task.model_meta())
-            (run_dir / "tokenizer.json").write_text(trainer.task.extra_files()["tokenizer.json"])  # type: ignore[attr-defined]
-            print(json.dumps(result))
+        if not result["stopped"]:
+            trainer.export()
+            if trainer.info.is_main:
+                print(json.dumps(result))
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
