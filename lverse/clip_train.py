@@ -151,6 +151,16 @@ class ClipDataConfig:
     min_objects: int = 1
     holdout: bool = True          # keep the held-out colour–shape pairs out of training
     hard_negatives: int = 3       # perturbed captions per image, extra text negatives (0 = off)
+    # How often each kind of perturbation is picked (relative; 0 = never). Colour and size are
+    # learnt almost at once; shape, relation and swap (binding) need the extra negatives.
+    negative_weights: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in NEGATIVE_KINDS})
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.negative_weights) - set(NEGATIVE_KINDS))
+        if bad:
+            raise ConfigError(f"data.negative_weights: unknown kind(s) {bad}; valid: {list(NEGATIVE_KINDS)}")
+        if any(v < 0 for v in self.negative_weights.values()):
+            raise ConfigError(f"data.negative_weights must be >= 0, got {self.negative_weights}")
 
 
 @dataclass
@@ -160,6 +170,7 @@ class ClipOptimConfig:
     seed: int = 0
     batch_size: int = 128
     max_steps: int = 1000
+    time_limit_minutes: float = 0.0  # > 0: stop (and finish the cosine) at this wall time if it comes first
     lr: float = 2e-3
     min_lr_ratio: float = 0.05    # cosine decay to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -416,13 +427,21 @@ def applicable_kinds(scene: Scene) -> list[str]:
     return ["colour", "shape", "size", "relation", "swap"]
 
 
-def hard_negatives(scene: Scene, n: int, rng: random.Random) -> list[Scene]:
-    """``n`` perturbed scenes, kinds cycled in a random order, all distinct from ``scene``."""
-    kinds = applicable_kinds(scene)
-    rng.shuffle(kinds)
+def hard_negatives(
+    scene: Scene, n: int, rng: random.Random, weights: dict[str, float] | None = None
+) -> list[Scene]:
+    """``n`` perturbed scenes, all distinct from ``scene`` and from each other.
+
+    Kinds are taken in a random order, drawn without replacement with probability
+    proportional to ``weights`` (default: all 1; weight 0 = never), then cycled.
+    """
+    w = weights or {}
+    kinds = [k for k in applicable_kinds(scene) if w.get(k, 1.0) > 0]
+    # Weighted order without replacement (Efraimidis-Spirakis keys u^(1/w)).
+    kinds.sort(key=lambda k: rng.random() ** (1.0 / w.get(k, 1.0)), reverse=True)
     out: list[Scene] = []
     keys = {scene_key(scene)}
-    for t in range(4 * n):
+    for t in range(4 * n if kinds else 0):
         if len(out) == n:
             break
         neg = perturb(scene, kinds[t % len(kinds)], rng)
@@ -446,15 +465,22 @@ class ClipBatch:
     negative_owner: list[int]                 # for each negative caption, its image's index
 
 
-def make_batch(ds: ShapesDataset, indices: Sequence[int], hard_neg: int, rng: random.Random) -> ClipBatch:
-    """Render ``indices``; one random phrasing each, plus ``hard_neg`` perturbed captions."""
+def make_batch(
+    ds: ShapesDataset,
+    indices: Sequence[int],
+    hard_neg: int,
+    rng: random.Random,
+    weights: dict[str, float] | None = None,
+) -> ClipBatch:
+    """Render ``indices``; one random phrasing each, plus ``hard_neg`` perturbed captions
+    (kinds weighted by ``weights``, see :func:`hard_negatives`)."""
     images, caps, keys, neg_caps, neg_keys, owner = [], [], [], [], [], []
     for b, i in enumerate(indices):
         scene = ds.scene(i)
         images.append(image_to_tensor(render(scene, ds.resolution)))
         caps.append(rng.choice(phrasings(scene)))
         keys.append(scene_key(scene))
-        for neg in hard_negatives(scene, hard_neg, rng) if hard_neg > 0 else []:
+        for neg in hard_negatives(scene, hard_neg, rng, weights) if hard_neg > 0 else []:
             neg_caps.append(rng.choice(phrasings(neg)))
             neg_keys.append(scene_key(neg))
             owner.append(b)
@@ -523,8 +549,9 @@ def evaluate_clip(
       perturbed scenes of that kind (one phrasing each): the fraction of (phrasing, negative)
       pairs in which the phrasing scores higher. So "A above B" and "B below A" must both beat
       "A below B". ``hardneg/all`` pools every kind; ``hardneg/strict`` is the fraction of images
-      whose *lowest*-scoring true phrasing beats *every* negative. ``heldout/...``: the same on
-      the images containing a held-out colour–shape pair (never seen in training).
+      whose *lowest*-scoring true phrasing beats *every* negative. ``heldout/<kind>``,
+      ``heldout/hardneg_all``: the same on the images containing a held-out colour–shape pair
+      (a combination never seen in training).
     * ``retrieval/i2t_top1``: each image against one caption per test item (top-1 counts when
       the best caption describes the image's scene); ``retrieval/t2i_top1`` the other way.
     * ``phrasing_spread``: mean over images of (max − min) cosine over its true phrasings.
@@ -552,7 +579,7 @@ def evaluate_clip(
     img_f = torch.cat(img)
 
     wins: dict[str, list[float]] = {k: [] for k in NEGATIVE_KINDS}
-    wins_heldout: list[float] = []
+    wins_heldout: dict[str, list[float]] = {k: [] for k in NEGATIVE_KINDS}
     strict, spread = [], []
     for i, sc in enumerate(scenes):
         rng = random.Random(f"lverse-clip-eval/{data.seed}/{i}")
@@ -574,7 +601,7 @@ def evaluate_clip(
             w = (pos[:, None] > ns[None, :]).float().flatten().tolist()
             wins[kind].extend(w)
             if sc.heldout:
-                wins_heldout.extend(w)
+                wins_heldout[kind].extend(w)
             negs_all.append(ns)
         if negs_all:
             strict.append(float(pos.min() > torch.cat(negs_all).max()))
@@ -594,7 +621,9 @@ def evaluate_clip(
     out: dict[str, float] = {f"hardneg/{k}": mean(v) for k, v in wins.items() if v}
     out["hardneg/all"] = mean([w for v in wins.values() for w in v])
     out["hardneg/strict"] = mean(strict)
-    out["heldout/hardneg_all"] = mean(wins_heldout)
+    out.update({f"heldout/{k}": mean(v) for k, v in wins_heldout.items() if v})
+    out["heldout/hardneg_all"] = mean([w for v in wins_heldout.values() for w in v])
+    out["heldout/images"] = float(sum(sc.heldout for sc in scenes))
     out["retrieval/i2t_top1"] = mean(i2t)
     out["retrieval/t2i_top1"] = mean(t2i)
     out["phrasing_spread"] = mean(spread)
@@ -619,13 +648,12 @@ class ClipRun:
     seconds: float
 
 
-def lr_at(step: int, cfg: ClipOptimConfig) -> float:
-    """Linear warmup, then cosine from ``lr`` to ``lr * min_lr_ratio`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+def lr_at(step: int, progress: float, cfg: ClipOptimConfig) -> float:
+    """Linear warmup over ``warmup_steps``, times a cosine from ``lr`` to ``lr * min_lr_ratio``
+    over ``progress`` in [0, 1] (the larger of step / max_steps and elapsed / time limit)."""
     lo = cfg.lr * cfg.min_lr_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+    cos = lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return cos * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cos
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -681,15 +709,24 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
     order: list[int] = []
     model.train()
     t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(tc.max_steps):
+    limit_s = tc.time_limit_minutes * 60
+    step = 0
+    while True:
+        # Progress drives the cosine and the stop: steps, or wall time when that runs out first
+        # (so a slow machine still ends on schedule, with a fully decayed learning rate).
+        progress = step / tc.max_steps if tc.max_steps > 0 else 1.0
+        if limit_s > 0:
+            progress = max(progress, (time.perf_counter() - t0) / limit_s)
+        if progress >= 1.0:
+            break
         if len(order) < tc.batch_size:  # epochs of random order over the training scenes
             perm = list(range(len(ds)))
             rng.shuffle(perm)
             order += perm
         idx, order = order[: tc.batch_size], order[tc.batch_size :]
-        batch = make_batch(ds, idx, cfg.data.hard_negatives, rng)
+        batch = make_batch(ds, idx, cfg.data.hard_negatives, rng, cfg.data.negative_weights)
         tokens = tokenizer(batch.captions)
-        lr = lr_at(step, tc)
+        lr = lr_at(step, progress, tc)
         for g in opt.param_groups:
             g["lr"] = lr
 
@@ -720,6 +757,7 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
                 print(f"step {step + 1}/{tc.max_steps} loss {avg['loss']:.3f} acc {avg['acc']:.3f} "
                       f"hardneg {avg['hardneg_acc']:.3f} scale {logs['logit_scale']:.1f} lr {lr:.2e} "
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
+        step += 1
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if bar is not None:
         bar.close()
@@ -729,8 +767,9 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
         model = vocab.expand(model, build_clip(model_cfg)).eval()
     # CPU seconds (all threads) next to wall seconds: on a shared machine wall time says little.
     metrics: dict[str, float] = {"train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
-                                 "threads": float(torch.get_num_threads()), "steps": float(tc.max_steps),
-                                 "steps_per_second": tc.max_steps / seconds if seconds > 0 else float("nan")}
+                                 "threads": float(torch.get_num_threads()), "steps": float(step),
+                                 "stopped_by_time_limit": float(step < tc.max_steps),
+                                 "steps_per_second": step / seconds if seconds > 0 else float("nan")}
     if history:
         tail = history[-max(1, min(50, len(history) // 5)) :]
         for k in ("loss", "acc", "hardneg_acc"):

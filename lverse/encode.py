@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .data import build_caption_dataset
-from .data.images import collate_skip_none
 from .data.tokens import TokenShardWriter
 from .io import atomic_write_text
 from .models.augvae import AugVAE

@@ -10,13 +10,6 @@ from lverse.config import to_dict
 from lverse.models.augvae import AugVAE, AugVAEConfig, ml_to_sl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: one thread is fastest, and avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = dict(
     resolution=16, hidden_dim=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,

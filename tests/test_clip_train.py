@@ -123,6 +123,23 @@ def test_hard_negatives_are_distinct_scenes() -> None:
         assert len(negs) == 4 and len(keys) == 4 and scene_key(sc) not in keys
 
 
+def test_negative_weights_pick_kinds() -> None:
+    ds = ShapesDataset("train", size=30)
+    only_size = {k: 0.0 for k in NEGATIVE_KINDS} | {"size": 1.0}
+    rng = random.Random(2)
+    for i in range(len(ds)):
+        sc = ds.scene(i)
+        negs = hard_negatives(sc, 3, rng, only_size)
+        assert 1 <= len(negs) <= len(sc.objects)  # one size flip per object is all there is
+        for n in negs:
+            d = _diff(sc, n)
+            assert d["size"] == 1 and sum(d.values()) == 1
+    with pytest.raises(ConfigError, match="unknown kind"):
+        tiny_cfg(data={"negative_weights": {"texture": 1.0}})
+    with pytest.raises(ConfigError, match=">= 0"):
+        tiny_cfg(data={"negative_weights": {"shape": -1.0}})
+
+
 def test_make_batch_layout() -> None:
     ds = ShapesDataset("train", size=16)
     b = make_batch(ds, range(8), 3, random.Random(0))
@@ -279,3 +296,12 @@ def test_load_clip_errors(tmp_path: Path) -> None:
     (tmp_path / "clip.json").write_text(json.dumps({"kind": "clip", "model_cfg": cfg.model.open_clip_cfg()}))
     with pytest.raises(ValueError, match="weights do not fit"):
         load_clip(tmp_path)
+
+
+def test_time_limit_ends_training_with_the_schedule_done() -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(train={"max_steps": 100_000, "time_limit_minutes": 0.05})  # 3 s
+    run = fit_clip(cfg, evaluate=False)
+    assert 1 <= run.metrics["steps"] < 100_000 and run.metrics["stopped_by_time_limit"] == 1.0
+    assert run.metrics["train_seconds"] < 3.0 + 2.0  # the step in flight may overrun a little
+    assert run.history[-1]["lr"] < 0.5 * cfg.train.lr  # the cosine ran on wall time

@@ -23,12 +23,6 @@ if GOLDEN is None:
     pytest.skip(f"golden files not found in any of {_CANDIDATES}", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

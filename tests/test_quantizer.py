@@ -15,13 +15,6 @@ import torch.nn as nn
 from lverse.models.quantizer import EMAVectorQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: one thread is fastest, and avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _small_quantizer(**kw: float) -> EMAVectorQuantizer:

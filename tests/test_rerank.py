@@ -17,12 +17,6 @@ from lverse.rerank import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=32)

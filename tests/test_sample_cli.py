@@ -29,12 +29,6 @@ CLIP_CFG = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _build(root: Path, text_len: int = 8, with_clip: bool = False) -> Path:

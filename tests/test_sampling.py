@@ -20,7 +20,6 @@ from lverse.sampling import (
     image_part,
     pad_captions,
     sample_from_logits,
-    text_part,
     truncate_caption,
 )
 
@@ -28,12 +27,6 @@ TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_l
 EOT = 39  # a tokenizer id used as <end_of_text> in these tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(seed: int = 0, scale: float = 1.0, **kw) -> BiART:

@@ -5,9 +5,6 @@ commitment term; the codebook itself moves by EMA, not by gradients).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, load_config, load_yaml, to_dict
+from ..config import ConfigError, to_dict
 from ..data import build_image_dataset
 from ..models.augvae import AugVAE, AugVAEConfig, ml_to_sl
 from ..perceptual import build_lpips
-from .loop import Task, TrainConfig, Trainer
+from .cli import run_stage
+from .loop import Task, TrainConfig
 
 
 @dataclass
@@ -151,14 +149,6 @@ class Stage1Task(Task):
         return {"reconstruction": torch.cat([x, recon])}
 
 
-def resolve_resume_dir(arg: str, train: TrainConfig) -> str:
-    """``--resume`` with no value → the config's run dir; a step dir → its run dir. Sets train.run_dir."""
-    p = Path(arg) if arg else Path(train.run_dir or Path("runs") / train.name)
-    run_dir = p.parent.parent if (p / "state.pt").is_file() else p
-    train.run_dir = str(run_dir)
-    return str(p)
-
-
 def describe(cfg: AugVAEConfig) -> dict[str, Any]:
     """Parameter count and token layout, built on the meta device (nothing allocated)."""
     with torch.device("meta"):
@@ -174,35 +164,5 @@ def describe(cfg: AugVAEConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Train AugVAE-ML (stage 1a) or finetune AugVAE-SL (stage 1b).")
-    ap.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    ap.add_argument("--describe", action="store_true", help="print parameter count and token grid, then exit")
-    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                    help="continue a run from its latest checkpoint (RUN_DIR, a step dir, or the config's run_dir)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.hidden_dim=32")
-    args = ap.parse_args(argv)
-    try:
-        config_path = args.config
-        if args.resume and not config_path:
-            rd = Path(args.resume)
-            rd = rd.parent.parent if (rd / "state.pt").is_file() else rd
-            config_path = str(rd / "config.yaml")
-        if config_path is None:
-            raise ConfigError("give --config FILE (or --resume RUN_DIR)")
-        cfg = load_config(Stage1Config, config_path, args.overrides)
-        if args.describe:
-            print(json.dumps(describe(cfg.model), indent=2))
-            return 0
-        resume = None
-        if args.resume is not None:
-            resume = resolve_resume_dir(args.resume, cfg.train)
-        trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg, resume=resume)
-        result = trainer.fit()
-        if not result["stopped"]:
-            trainer.export()
-            if trainer.info.is_main:
-                print(json.dumps(result))
-        return 0
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_stage(argv, "Train AugVAE-ML (stage 1a) or finetune AugVAE-SL (stage 1b).", Stage1Config, Stage1Task,
+                     lambda cfg: describe(cfg.model))

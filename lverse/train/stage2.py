@@ -7,10 +7,7 @@ every batch (half each).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,12 +15,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import ConfigError, load_config, to_dict
+from ..config import ConfigError, to_dict
 from ..data.tokens import TokenDataset
 from ..models.biart import BiART, BiARTConfig
 from ..tokenizer import TextTokenizer
-from .loop import Task, TrainConfig, Trainer
-from .stage1 import resolve_resume_dir, resolve_weights
+from .cli import run_stage
+from .loop import Task, TrainConfig
+from .stage1 import resolve_weights
 
 DIRECTIONS = ("alternate", "mixed", "t2i", "i2t")
 
@@ -155,33 +153,7 @@ class Stage2Task(Task):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Train BiART (stage 2) on token shards from `lverse encode`.")
-    ap.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    ap.add_argument("--describe", action="store_true", help="print the parameter count without allocating the model")
-    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 data.tokens=[runs/tok]")
-    args = ap.parse_args(argv)
-    try:
-        config_path = args.config
-        if args.resume and not config_path:
-            rd = Path(args.resume)
-            config_path = str((rd.parent.parent if (rd / "state.pt").is_file() else rd) / "config.yaml")
-        if config_path is None:
-            raise ConfigError("give --config FILE (or --resume RUN_DIR)")
-        cfg = load_config(Stage2Config, config_path, args.overrides)
-        if args.describe:
-            from ..models.biart import describe
+    from ..models.biart import describe
 
-            print(json.dumps(describe(cfg.model), indent=2))
-            return 0
-        resume = resolve_resume_dir(args.resume, cfg.train) if args.resume is not None else None
-        trainer = Trainer(cfg.train, lambda: Stage2Task(cfg), full_config=cfg, resume=resume)
-        result = trainer.fit()
-        if not result["stopped"]:
-            trainer.export()
-            if trainer.info.is_main:
-                print(json.dumps(result))
-        return 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_stage(argv, "Train BiART (stage 2) on token shards from `lverse encode`.", Stage2Config, Stage2Task,
+                     lambda cfg: describe(cfg.model))

@@ -1,0 +1,66 @@
+"""The command line shared by `train_augvae.py` and `train_biart.py`.
+
+    --config FILE [overrides...]   start a run from a YAML recipe
+    --describe                     print the model's size and layout, allocate nothing
+    --resume [RUN_DIR]             continue a run from its latest checkpoint; with no value the
+                                   config's run_dir; RUN_DIR/config.yaml is used when --config is absent
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ..config import ConfigError, load_config
+from .loop import Task, TrainConfig, Trainer
+
+C = TypeVar("C")
+
+
+def resolve_resume_dir(arg: str, train: TrainConfig) -> str:
+    """``--resume`` with no value → the config's run dir; a step dir → its run dir. Sets train.run_dir."""
+    p = Path(arg) if arg else Path(train.run_dir or Path("runs") / train.name)
+    run_dir = p.parent.parent if (p / "state.pt").is_file() else p
+    train.run_dir = str(run_dir)
+    return str(p)
+
+
+def run_stage(
+    argv: list[str] | None,
+    description: str,
+    config_cls: type[C],
+    make_task: Callable[[C], Task],
+    describe: Callable[[C], dict[str, Any]],
+) -> int:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    ap.add_argument("--describe", action="store_true", help="print the parameter count and layout, then exit")
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                    help="continue from the latest checkpoint of RUN_DIR (or of a step dir, or of the config's run_dir)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 train.lr=1e-4")
+    args = ap.parse_args(argv)
+    try:
+        config_path = args.config
+        if args.resume and not config_path:
+            rd = Path(args.resume)
+            config_path = str((rd.parent.parent if (rd / "state.pt").is_file() else rd) / "config.yaml")
+        if config_path is None:
+            raise ConfigError("give --config FILE (or --resume RUN_DIR)")
+        cfg = load_config(config_cls, config_path, args.overrides)
+        if args.describe:
+            print(json.dumps(describe(cfg), indent=2))
+            return 0
+        train: TrainConfig = cfg.train  # type: ignore[attr-defined]
+        resume = resolve_resume_dir(args.resume, train) if args.resume is not None else None
+        trainer = Trainer(train, lambda: make_task(cfg), full_config=cfg, resume=resume)
+        result = trainer.fit()
+        if not result["stopped"]:
+            trainer.export()
+            if trainer.info.is_main:
+                print(json.dumps(result))
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
