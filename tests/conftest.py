@@ -9,3 +9,13 @@ import torch
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(1)
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Some code under test sets its own thread count (e.g. the CLIP trainer); reset it."""
+    torch.set_num_threads(1)
+    yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -321,15 +320,6 @@ def test_reader_splits_touching_objects_of_different_colours() -> None:
     )
     read = read_image(render(scene))
     assert read is not None and match(read, scene)
-
-
-def test_reading_500_images_is_fast() -> None:
-    rng = random.Random(6)
-    images = [render(sample_scene(rng, max_objects=2)) for _ in range(500)]
-    read_image(images[0])  # prototypes are measured once, on first use
-    start = time.process_time()
-    read_images(images)
-    assert time.process_time() - start < 5.0
 
 
 # --- scores -----------------------------------------------------------------------------------
