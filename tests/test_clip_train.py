@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from lverse.clip_train import (
     CLIP_BPE_VOCAB,
     NEGATIVE_KINDS,
-    CachedTokenizer,
     ClipTrainConfig,
     CompactVocab,
     build_clip,
@@ -35,7 +34,7 @@ from lverse.clip_train import (
     shapes_words,
 )
 from lverse.config import ConfigError, from_dict
-from lverse.data.shapes import Scene, ShapeObject, ShapesDataset, phrasings
+from lverse.data.shapes import HELDOUT_PAIRS, INVERSE, Scene, ShapeObject, ShapesDataset, phrasings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,7 +92,7 @@ def test_perturbations_change_exactly_what_their_kind_names() -> None:
             neg = perturb(sc, kind, rng)
             if neg is None:
                 n = len(sc.objects)
-                assert (kind == "position" and n > 1) or (kind in ("relation", "swap") and n == 1) or kind == "swap"
+                assert (kind == "position" and n > 1) or (kind in ("relation", "axis", "swap") and n == 1) or kind == "swap"
                 continue
             seen.add(kind)
             assert scene_key(neg) != scene_key(sc)
@@ -101,8 +100,12 @@ def test_perturbations_change_exactly_what_their_kind_names() -> None:
             d = _diff(sc, neg)
             if kind in ("colour", "shape", "size"):
                 assert d[kind] == 1 and sum(d.values()) == 1, (kind, d)
-            elif kind in ("relation", "position"):
-                assert d[kind] == 1 and sum(v for k, v in d.items() if k != kind) == 0, (kind, d)
+            elif kind == "position":
+                assert d["position"] == 1 and sum(d.values()) == 1, d
+            elif kind in ("relation", "axis"):
+                assert d["relation"] == 1 and sum(d.values()) == 1, d
+                flipped = neg.relation == INVERSE[sc.relation]
+                assert flipped == (kind == "relation"), (kind, sc.relation, neg.relation)
             else:  # swap: one attribute exchanged between two neighbours
                 changed = [k for k in ("colour", "shape", "size") if d[k]]
                 assert len(changed) == 1 and d[changed[0]] == 2 and d["relation"] == 0
@@ -113,14 +116,22 @@ def test_perturbations_change_exactly_what_their_kind_names() -> None:
         perturb(ds.scene(0), "texture", rng)
 
 
-def test_hard_negatives_are_distinct_scenes() -> None:
-    ds = ShapesDataset("train", size=40)
+def test_hard_negatives_are_distinct_scenes_without_heldout_pairs() -> None:
+    ds = ShapesDataset("train", size=200)
     rng = random.Random(1)
+    heldout_seen = False
     for i in range(len(ds)):
         sc = ds.scene(i)
         negs = hard_negatives(sc, 4, rng)
         keys = {scene_key(n) for n in negs}
         assert len(negs) == 4 and len(keys) == 4 and scene_key(sc) not in keys
+        heldout_seen |= any(n.heldout for n in negs)
+        # restricted to the split's pairs, a held-out pair never shows up, even in a negative
+        negs = hard_negatives(sc, 4, rng, pairs=ds.pairs)
+        assert len(negs) == 4 and not any(n.heldout for n in negs)
+    assert heldout_seen  # unrestricted, they would
+    b = make_batch(ds, range(64), 4, rng)
+    assert not any(p in HELDOUT_PAIRS for k in b.text_keys for p in [(c, sh) for _, c, sh in k[0]])
 
 
 def test_negative_weights_pick_kinds() -> None:
@@ -142,7 +153,10 @@ def test_negative_weights_pick_kinds() -> None:
 
 def test_make_batch_layout() -> None:
     ds = ShapesDataset("train", size=16)
-    b = make_batch(ds, range(8), 3, random.Random(0))
+    b = make_batch(ds, range(8), 3, random.Random(0), paraphrase=True)
+    assert len(b.paraphrases) == 8
+    for i, p in enumerate(b.paraphrases):
+        assert p in phrasings(ds.scene(i)) and p != b.captions[i]  # every Shapes scene has >= 3 phrasings
     assert b.images.shape == (8, 3, 64, 64) and float(b.images.min()) >= -1 and float(b.images.max()) <= 1
     assert len(b.captions) == len(b.text_keys) == 8 + len(b.negative_owner) == 8 + 24
     for i in range(8):
@@ -184,6 +198,40 @@ def test_contrastive_loss_matches_open_clip_and_masks_false_negatives() -> None:
         ref_t2i.append(-torch.log_softmax(logits[keep, j], 0)[keep.index(j)])
     ref = (torch.stack(ref_i2t).mean() + torch.stack(ref_t2i).mean()) / 2
     torch.testing.assert_close(loss, ref)
+
+
+def test_hard_negative_loss_is_a_softmax_over_own_negatives() -> None:
+    from lverse.clip_train import hard_negative_loss
+
+    torch.manual_seed(1)
+    img = F.normalize(torch.randn(3, 8), dim=-1)
+    txt = F.normalize(torch.randn(3 + 4, 8), dim=-1)
+    owner = [0, 0, 2, 0]  # image 1 has no negatives: its term is 0
+    scale = torch.tensor(7.0)
+    ref = []
+    for i in range(3):
+        cand = [i] + [3 + j for j, o in enumerate(owner) if o == i]
+        ref.append(-torch.log_softmax(scale * txt[cand] @ img[i], 0)[0])
+    torch.testing.assert_close(hard_negative_loss(img, txt, scale, owner), torch.stack(ref).mean())
+    assert float(hard_negative_loss(img, txt[:3], scale, [])) == 0.0
+
+
+def test_text_text_loss_matches_reference() -> None:
+    from lverse.clip_train import text_text_loss
+
+    torch.manual_seed(2)
+    B = 4
+    txt = F.normalize(torch.randn(B + 3, 8), dim=-1)  # 4 captions, 3 hard negatives
+    para = F.normalize(torch.randn(B, 8), dim=-1)
+    keys = [("s", 0), ("s", 1), ("s", 0), ("s", 3), ("n", 0), ("s", 1), ("n", 2)]  # 0 and 2 share a scene
+    scale = torch.tensor(5.0)
+    cands = torch.cat([para, txt[B:]])
+    ckeys = keys[:B] + keys[B:]
+    ref = []
+    for i in range(B):
+        keep = [j for j in range(len(ckeys)) if j == i or ckeys[j] != keys[i]]
+        ref.append(-torch.log_softmax(scale * cands[keep] @ txt[i], 0)[keep.index(i)])
+    torch.testing.assert_close(text_text_loss(txt, para, scale, keys), torch.stack(ref).mean())
 
 
 def test_encode_text_trimmed_equals_open_clip() -> None:
@@ -266,9 +314,9 @@ def test_cli_runs_shipped_config_and_reports_errors(tmp_path: Path, capsys: pyte
     torch.set_num_threads(1)
     overrides = [f"{s}.{k}={json.dumps(v)}" for s in ("model", "eval") for k, v in TINY[s].items()]
     run_dir = tmp_path / "cli"
-    rc = main(["--config", str(REPO / "configs" / "shapes_clip.yaml"), *overrides, "train.max_steps=2",
-               "train.batch_size=8", "data.hard_negatives=1", "train.progress=false", "train.threads=1",
-               f"train.run_dir={run_dir}"])
+    rc = main(["train.threads=1", "--config", str(REPO / "configs" / "shapes_clip.yaml"), *overrides,
+               "train.max_steps=2", "train.batch_size=8", "data.hard_negatives=1", "train.progress=false",
+               f"train.run_dir={run_dir}"])  # overrides on both sides of --config
     assert rc == 0
     printed = capsys.readouterr().out
     assert printed.startswith("step 2/2 loss ")  # the per-interval line when there is no progress bar
