@@ -58,6 +58,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
 import torch
+
+from lverse.clipio import load_clip  # noqa: F401  (the one reader of clip files)
 import torch.nn.functional as F
 from torch import nn
 
@@ -78,7 +80,7 @@ from lverse.data.shapes import (
     phrasings,
     render,
 )
-from lverse.io import atomic_write_text, load_weights, save_weights
+from lverse.io import atomic_write_text, save_weights
 
 CLIP_FILE = "clip.safetensors"
 MODEL_NAME = "shapes-tiny-clip"
@@ -343,36 +345,6 @@ def save_clip(path: str | Path, model: nn.Module, model_cfg: dict[str, Any], ext
         **(extra or {}),
     }
     return save_weights(path, model.state_dict(), meta)
-
-
-def load_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a CLIP saved by :func:`save_clip` (a ``.safetensors`` file or its directory).
-
-    Returns ``(model, meta)`` in eval mode; ``model.visual.preprocess_cfg`` holds the mean/std
-    from ``clip.json`` (what :class:`lverse.rerank.ClipReranker` reads).
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / CLIP_FILE
-    state, meta = load_weights(path)
-    where = path.with_suffix(".json")
-    if meta.get("kind") != "clip" or not isinstance(meta.get("model_cfg"), dict):
-        raise ValueError(f"{where}: expected {{'kind': 'clip', 'model_cfg': {{...}}}}, got kind={meta.get('kind')!r}")
-    try:
-        model = build_clip(meta["model_cfg"])
-    except ConfigError as e:
-        raise ValueError(f"{where}: {e}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the CLIP config in {where} ({str(e).splitlines()[0]})") from None
-    # Files written here always say; for any other, open_clip's (OpenAI's) default, as the
-    # pipeline's loader does.
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    pp = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD), **(meta.get("preprocess_cfg") or {})}
-    model.visual.preprocess_cfg = pp
-    return model.to(device).eval(), meta
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ This module sits above the models and the tokenizer and below the rerankers and 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -34,8 +33,8 @@ import torch
 from PIL import Image, ImageOps
 
 import lverse
+from lverse.clipio import CLIP_FILE, CLIP_MEAN, CLIP_STD, build_open_clip, load_clip, save_clip  # noqa: F401
 from lverse.config import from_dict
-from lverse.io import load_weights, save_weights
 from lverse.models.augvae import AugVAE
 from lverse.models.biart import BiART, BiARTConfig
 from lverse.sampling import decode_captions
@@ -45,14 +44,11 @@ from lverse.vocab import VocabLayout
 AUGVAE_FILE = "augvae.safetensors"
 BIART_FILE = "biart.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-CLIP_FILE = "clip.safetensors"
 CHECKPOINT_ENV = "LVERSE_CHECKPOINT"
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # CLIP's (OpenAI) normalisation, open_clip's default when a config names none.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def default_checkpoint_dir() -> Path:
@@ -80,67 +76,6 @@ def resolve_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
-
-
-# ------------------------------------------------------------------------------------------
-# CLIP files (open_clip models rebuilt from their config; never downloaded)
-# ------------------------------------------------------------------------------------------
-
-
-def build_open_clip(model_cfg: dict[str, Any]) -> torch.nn.Module:
-    """An untrained open_clip model from its config dict (``open_clip.CLIP(**cfg)``)."""
-    import open_clip  # slow import (timm, ...): only when a CLIP is actually used
-
-    cfg = copy.deepcopy(model_cfg)
-    custom_text = bool(cfg.pop("custom_text", False))
-    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    return cls(**cfg)
-
-
-def save_clip(
-    path: str | Path,
-    model: torch.nn.Module,
-    model_cfg: dict[str, Any],
-    model_name: str = "custom",
-    preprocess_cfg: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``clip.safetensors`` + ``clip.json`` (``path``: the weights file or a directory).
-
-    ``extra``: more JSON-able entries for ``clip.json`` (e.g. training metrics)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / CLIP_FILE
-    meta: dict[str, Any] = {**(extra or {}), "kind": "clip", "model_name": model_name, "model_cfg": model_cfg}
-    if preprocess_cfg:
-        meta["preprocess_cfg"] = preprocess_cfg
-    return save_weights(path, model.state_dict(), meta)
-
-
-def load_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild an open_clip model saved by :func:`save_clip`; returns ``(model, meta)`` in eval mode."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / CLIP_FILE
-    state, meta = load_weights(path)
-    if meta.get("kind") != "clip" or not isinstance(meta.get("model_cfg"), dict):
-        raise ValueError(
-            f"{path.with_suffix('.json')}: expected {{'kind': 'clip', 'model_name': ..., 'model_cfg': {{...}}}}, "
-            f"got kind={meta.get('kind')!r}"
-        )
-    try:
-        model = build_open_clip(meta["model_cfg"])
-    except TypeError as e:
-        raise ValueError(f"{path.with_suffix('.json')}: model_cfg does not build an open_clip model ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(f"{path}: weights do not fit the CLIP config beside them ({first})") from None
-    pp = {"mean": CLIP_MEAN, "std": CLIP_STD, **(meta.get("preprocess_cfg") or {})}
-    visual = getattr(model, "visual", model)
-    visual.preprocess_cfg = pp  # read by ClipReranker (open_clip's create_model sets the same attribute)
-    return model.to(device).eval(), meta
 
 
 # ------------------------------------------------------------------------------------------
