@@ -83,6 +83,20 @@ def test_plateau_halving() -> None:
     assert not any(off.observe(1.0) for _ in range(10)) and off.lr == 1.0
 
 
+def test_cooldown_decays_linearly_to_min_lr_and_stops_halving() -> None:
+    s = PlateauHalving(1.0, window=1, patience=1, warmup_steps=2, total_steps=10, cooldown_steps=4, min_lr=0.2)
+    lrs = [s.lr_at(step) for step in range(10)]
+    # warm-up, flat, then 4 cool-down steps from 1.0 toward 0.2 (step 10 would be exactly 0.2)
+    assert lrs[:6] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert lrs[6:] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    for loss in (3.0, 2.0):
+        s.observe(loss, step=3)
+    assert not s.observe(5.0, step=7) and s.lr == 1.0  # flat loss inside the cool-down: no halving
+    assert s.observe(5.0, step=3) and s.lr == 0.5      # the same before it halves
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        PlateauHalving(1.0, total_steps=5, cooldown_steps=6)
+
+
 def test_checkpoint_roundtrip_keep_last_and_rng(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=2)
     model = nn.Linear(3, 2)

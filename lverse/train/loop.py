@@ -54,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     grad_clip: float = 0.0            # 0 = no clipping (the norm is still logged)
     warmup_steps: int = 0
+    cooldown_steps: int = 0           # lr falls linearly to min_lr over the last N steps; 0 = off
     plateau_window: int = 500         # steps per loss window for plateau detection
     plateau_patience: int = 3         # windows without improvement before halving; 0 = never halve
     plateau_threshold: float = 1e-3
@@ -67,6 +68,7 @@ class TrainConfig:
     strategy: str = "ddp"             # ddp | fsdp (shard weights, grads and optimizer state over ranks)
     tensorboard: bool = True
     progress: bool = True
+    threads: int = 0                  # torch intra-op threads per process; 0 = PyTorch's default
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -141,6 +143,10 @@ class Trainer:
         dist_info: DistInfo | None = None,
     ) -> None:
         self.cfg = cfg
+        if cfg.threads > 0:
+            # On a small CPU box, one thread per process beside another job beats two fighting
+            # for the same cores (every op waits at a barrier for a descheduled thread).
+            torch.set_num_threads(cfg.threads)
         self.info = dist_info or init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir or Path("runs") / cfg.name)
         self.full_config = full_config
@@ -308,7 +314,8 @@ class Trainer:
         lr = cfg.resolved_lr(info.world_size)
         self.optimizer = self.precision.build_optimizer(task.param_groups(cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
         self.schedule = PlateauHalving(
-            lr, cfg.plateau_window, cfg.plateau_patience, 0.5, cfg.plateau_threshold, cfg.min_lr, cfg.warmup_steps
+            lr, cfg.plateau_window, cfg.plateau_patience, 0.5, cfg.plateau_threshold, cfg.min_lr, cfg.warmup_steps,
+            total_steps=cfg.max_steps, cooldown_steps=cfg.cooldown_steps,
         )
 
         step, epoch, pos = 0, 0, 0
@@ -426,7 +433,7 @@ class Trainer:
                     window_n[k] = window_n.get(k, 0) + 1
                 # plateau decisions use the rank-averaged loss so every rank halves together
                 mean_loss = all_reduce_mean({"l": loss_val}, device)["l"] if info.distributed else loss_val
-                if self.schedule.observe(mean_loss) and info.is_main:
+                if self.schedule.observe(mean_loss, step) and info.is_main:
                     print(f"[lverse] loss plateaued: learning rate halved to {self.schedule.lr:.3g} at step {step}", file=sys.stderr)
                 if bar is not None:
                     bar.update(1)

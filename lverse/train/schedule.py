@@ -3,7 +3,10 @@
 The training loss is averaged over windows of ``window`` steps (already averaged over ranks by
 the caller, so every rank takes the same decision). When ``patience`` windows in a row fail to
 improve on the best window by a relative ``threshold``, the learning rate is multiplied by
-``factor`` (0.5), down to ``min_lr``. An optional linear warm-up precedes it.
+``factor`` (0.5), down to ``min_lr``. An optional linear warm-up precedes it, and an optional
+linear cool-down ends it: over the last ``cooldown_steps`` of ``total_steps`` the rate falls
+linearly from its current value to ``min_lr``. (Short runs that stop while the loss still falls
+gain most of a halving schedule's benefit from such a final decay; the paper recipes leave it off.)
 """
 from __future__ import annotations
 
@@ -22,7 +25,11 @@ class PlateauHalving:
         min_lr: float = 0.0,
         warmup_steps: int = 0,
         enabled: bool = True,
+        total_steps: int = 0,
+        cooldown_steps: int = 0,
     ) -> None:
+        if cooldown_steps and not 0 < cooldown_steps <= total_steps:
+            raise ValueError(f"cooldown_steps={cooldown_steps} must be in (0, total_steps={total_steps}]")
         self.base_lr = base_lr
         self.window = max(1, window)
         self.patience = patience
@@ -31,6 +38,8 @@ class PlateauHalving:
         self.min_lr = min_lr
         self.warmup_steps = warmup_steps
         self.enabled = enabled and patience > 0
+        self.total_steps = total_steps
+        self.cooldown_steps = cooldown_steps
         self.lr = base_lr
         self.best = math.inf
         self.bad_windows = 0
@@ -41,11 +50,17 @@ class PlateauHalving:
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
+        left = self.total_steps - step
+        if self.cooldown_steps and left <= self.cooldown_steps:
+            return self.min_lr + (self.lr - self.min_lr) * max(left, 0) / self.cooldown_steps
         return self.lr
 
-    def observe(self, loss: float) -> bool:
-        """Record one step's loss; returns True when the learning rate was just halved."""
+    def observe(self, loss: float, step: int | None = None) -> bool:
+        """Record one step's loss; returns True when the learning rate was just halved.
+        No halving once ``step`` is inside the cool-down (it decays the rate already)."""
         if not self.enabled or not math.isfinite(loss):
+            return False
+        if self.cooldown_steps and step is not None and self.total_steps - step <= self.cooldown_steps:
             return False
         self._sum += loss
         self._n += 1
