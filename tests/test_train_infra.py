@@ -93,8 +93,10 @@ def test_cooldown_decays_linearly_to_min_lr_and_stops_halving() -> None:
         s.observe(loss, step=3)
     assert not s.observe(5.0, step=7) and s.lr == 1.0  # flat loss inside the cool-down: no halving
     assert s.observe(5.0, step=3) and s.lr == 0.5      # the same before it halves
+    short = PlateauHalving(1.0, total_steps=4, cooldown_steps=10)  # a smoke run shorter than it
+    assert [short.lr_at(s) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     with pytest.raises(ValueError, match="cooldown_steps"):
-        PlateauHalving(1.0, total_steps=5, cooldown_steps=6)
+        PlateauHalving(1.0, total_steps=0, cooldown_steps=6)
 
 
 def test_checkpoint_roundtrip_keep_last_and_rng(tmp_path: Path) -> None:

@@ -28,8 +28,8 @@ class PlateauHalving:
         total_steps: int = 0,
         cooldown_steps: int = 0,
     ) -> None:
-        if cooldown_steps and not 0 < cooldown_steps <= total_steps:
-            raise ValueError(f"cooldown_steps={cooldown_steps} must be in (0, total_steps={total_steps}]")
+        if cooldown_steps < 0 or (cooldown_steps and total_steps <= 0):
+            raise ValueError(f"cooldown_steps={cooldown_steps} needs total_steps > 0 (got {total_steps})")
         self.base_lr = base_lr
         self.window = max(1, window)
         self.patience = patience
@@ -39,7 +39,8 @@ class PlateauHalving:
         self.warmup_steps = warmup_steps
         self.enabled = enabled and patience > 0
         self.total_steps = total_steps
-        self.cooldown_steps = cooldown_steps
+        # a short smoke run (max_steps below the config's cool-down) cools down over all of it
+        self.cooldown_steps = min(cooldown_steps, total_steps)
         self.lr = base_lr
         self.best = math.inf
         self.bad_windows = 0

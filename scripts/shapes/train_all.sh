@@ -11,6 +11,10 @@
 # Each step is skipped when its output exists, so a killed run continues where it stopped
 # (an interrupted training step resumes from its last checkpoint). FRESH=1 starts over.
 #   bash scripts/shapes/train_all.sh
+# Environment: OUT, RUNS, DEVICE (auto|cpu|cuda), PRECISION (default: bf16 on a GPU or on a CPU
+# with native bf16 (avx512_bf16/amx), else fp32: emulated bf16 is slower than fp32), THREADS
+# (intra-op threads per process, default all cores), EVAL_N, EVAL_CANDIDATES, FRESH.
+# Stages run one after another: on a 2-core box two jobs side by side each crawl.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"
 OUT="${OUT:-checkpoints/shapes}"
@@ -18,10 +22,16 @@ RUNS="${RUNS:-runs}"
 DEVICE="${DEVICE:-auto}"
 EVAL_N="${EVAL_N:-500}"
 EVAL_CANDIDATES="${EVAL_CANDIDATES:-16}"
+THREADS="${THREADS:-0}"
+if [ -z "${PRECISION:-}" ]; then
+  if [[ "$DEVICE" == cuda* ]] || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
+  if [ "$DEVICE" = auto ] && python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then PRECISION=bf16; fi
+fi
 [ "${FRESH:-0}" = 1 ] && rm -rf "$RUNS"/shapes_augvae_ml "$RUNS"/shapes_augvae_sl "$RUNS"/shapes_tokenizer.json \
   "$RUNS"/shapes_tokens "$RUNS"/shapes_biart "$RUNS"/shapes_clip
 mkdir -p "$RUNS"
 start=$(date +%s)
+echo "[train_all] started $(date -u +%FT%TZ): device=$DEVICE precision=$PRECISION threads=$THREADS" | tee -a "$RUNS/shapes_train_all.log"
 stamp() { echo "[train_all] $1 done after $(( $(date +%s) - start ))s" | tee -a "$RUNS/shapes_train_all.log"; }
 
 train_stage() {  # $1 script, $2 config, $3 run dir, rest: overrides; resumes a half-finished run
@@ -30,7 +40,8 @@ train_stage() {  # $1 script, $2 config, $3 run dir, rest: overrides; resumes a 
   if [ -f "$dir/checkpoints/latest" ]; then
     python "$script" --resume "$dir" "$@"
   else
-    python "$script" --config "$config" train.run_dir="$dir" train.device="$DEVICE" "$@"
+    python "$script" --config "$config" train.run_dir="$dir" train.device="$DEVICE" train.precision="$PRECISION" \
+      train.threads="$THREADS" "$@"
   fi
 }
 
@@ -41,7 +52,8 @@ train_stage train_augvae.py configs/shapes_augvae_sl.yaml "$RUNS/shapes_augvae_s
   --out "$RUNS/shapes_tokens" --num-workers 0 --device "$DEVICE"
 stamp "tokenizer + encoding"
 train_stage train_biart.py configs/shapes_biart.yaml "$RUNS/shapes_biart" "data.tokens=[$RUNS/shapes_tokens]" data.tokenizer="$RUNS/shapes_tokenizer.json"; stamp "stage 2 (BiART)"
-[ -f "$RUNS/shapes_clip/clip.safetensors" ] || python -m lverse.clip_train --config configs/shapes_clip.yaml train.run_dir="$RUNS/shapes_clip"
+[ -f "$RUNS/shapes_clip/clip.safetensors" ] || python -m lverse.clip_train --config configs/shapes_clip.yaml train.run_dir="$RUNS/shapes_clip" \
+  train.threads="$THREADS"
 stamp "CLIP"
 python -m lverse.bundle --augvae "$RUNS/shapes_augvae_sl" --biart "$RUNS/shapes_biart" --clip "$RUNS/shapes_clip/clip.safetensors" --out "$OUT"
 python bench/shapes_eval.py --checkpoint "$OUT" --n "$EVAL_N" --candidates "$EVAL_CANDIDATES" --out "$OUT"
