@@ -59,7 +59,8 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
-from lverse.clipio import load_clip  # noqa: F401  (the one reader of clip files)
+from lverse import clipio
+from lverse.clipio import load_clip  # noqa: F401  (the one reader and writer of clip files)
 import torch.nn.functional as F
 from torch import nn
 
@@ -80,7 +81,7 @@ from lverse.data.shapes import (
     phrasings,
     render,
 )
-from lverse.io import atomic_write_text, save_weights
+from lverse.io import atomic_write_text
 
 CLIP_FILE = "clip.safetensors"
 MODEL_NAME = "shapes-tiny-clip"
@@ -331,20 +332,10 @@ def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def save_clip(path: str | Path, model: nn.Module, model_cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``clip.safetensors`` + ``clip.json`` (``path``: the weights file or a directory)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / CLIP_FILE
-    meta: dict[str, Any] = {
-        "kind": "clip",
-        "model_name": MODEL_NAME,
-        "model_cfg": model_cfg,
-        "preprocess_cfg": dict(IDENTITY_PREPROCESS),
-        "tokenizer": "open_clip SimpleTokenizer (CLIP BPE)",
-        "image_range": [-1, 1],
-        **(extra or {}),
-    }
-    return save_weights(path, model.state_dict(), meta)
+    """Write ``clip.safetensors`` + ``clip.json`` (``path``: the weights file or a directory) with
+    what a reader needs to use a Shapes CLIP: its tokenizer and the image range it expects."""
+    notes = {"tokenizer": "open_clip SimpleTokenizer (CLIP BPE)", "image_range": [-1, 1], **(extra or {})}
+    return clipio.save_clip(path, model, model_cfg, MODEL_NAME, dict(IDENTITY_PREPROCESS), notes)
 
 
 # ------------------------------------------------------------------------------------------
