@@ -13,12 +13,12 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from lverse.config import from_dict
+from lverse.config import ConfigError, from_dict
 from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.train.checkpoint import CheckpointManager
 from lverse.train.logger import read_metrics
 from lverse.train.loop import Trainer
-from lverse.train.stage1 import Stage1Config, Stage1Task, describe
+from lverse.train.stage1 import Stage1Config, Stage1Task, describe, resolve_weights
 from lverse.train.stage1 import main as stage1_main
 
 TINY_MODEL = dict(resolution=32, hidden_dim=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=8,
@@ -128,6 +128,30 @@ def test_sl_finetune_from_ml_run_via_cli(tmp_path: Path, capsys: pytest.CaptureF
     yaml_path.write_text(yaml.safe_dump(d))
     assert stage1_main(["--config", str(yaml_path)]) == 2
     assert "init_from" in capsys.readouterr().err
+
+
+def test_decoder_finetune_keeps_token_ids_and_trains_the_decoder(tmp_path: Path) -> None:
+    ml_dir = tmp_path / "ml"
+    fit(tiny_cfg(ml_dir, max_steps=3))
+    before = AugVAE.load(resolve_weights(ml_dir))
+    cfg = tiny_cfg(tmp_path / "dec", max_steps=4)
+    cfg.init_from, cfg.trainable = str(ml_dir), "decoder"
+    trainer, _ = fit(cfg)
+    after = AugVAE.load(resolve_weights(tmp_path / "dec"))
+    sb, sa = before.state_dict(), after.state_dict()
+    frozen = [k for k in sb if k.startswith(("encoders.", "pre_quant.", "quantizer."))]
+    trained = [k for k in sb if k.startswith(("decoders.", "post_quant."))]
+    assert frozen and trained
+    assert all(torch.equal(sb[k], sa[k]) for k in frozen)  # encoder, pre-quant and codebook (with EMA state)
+    assert any(not torch.equal(sb[k], sa[k]) for k in trained)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.equal(before.encode(x), after.encode(x))  # the same token ids: a BiART stays valid
+    cfg.init_from = ""
+    with pytest.raises(ConfigError, match="init_from"):
+        Stage1Task(cfg)
+    cfg.trainable = "encoder"
+    with pytest.raises(ConfigError, match="trainable"):
+        Stage1Task(cfg)
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:

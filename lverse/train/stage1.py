@@ -42,6 +42,10 @@ class Stage1LossConfig:
 class Stage1Config:
     model: AugVAEConfig = field(default_factory=AugVAEConfig)
     init_from: str = ""           # SL: trained ML weights (file or run dir); ML: optional warm start
+    # "all": train everything. "decoder": train only what turns codes into pixels (post-quant
+    # conv, connectors, decoders); the encoders, pre-quant conv and codebook are frozen, so an
+    # image's token ids stay exactly what they were and a BiART trained on them stays valid.
+    trainable: str = "all"
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(name="augvae"))
@@ -97,10 +101,24 @@ def collate_images(items: list[Any]) -> dict[str, Any]:
     return {"image": images, "skipped": len(items) - len(good)}
 
 
+def freeze_tokenizer_side(model: AugVAE) -> None:
+    """Freeze the encoders, the pre-quant conv and the codebook (no EMA update, no restarts)."""
+    for module in (model.encoders, model.pre_quant, model.quantizer):
+        for p in module.parameters():
+            p.requires_grad_(False)
+    model.quantizer.update = False
+
+
 class Stage1Task(Task):
     def __init__(self, cfg: Stage1Config) -> None:
         self.cfg = cfg
         self.model = build_stage1_model(cfg)
+        if cfg.trainable not in ("all", "decoder"):
+            raise ConfigError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+        if cfg.trainable == "decoder":
+            if not cfg.init_from:
+                raise ConfigError("trainable=decoder finetunes a trained AugVAE: set init_from=PATH")
+            freeze_tokenizer_side(self.model)
         self.lpips: nn.Module | None = None
         self._vis: torch.Tensor | None = None
 

@@ -2,6 +2,7 @@
 # The whole L-Verse recipe on the built-in Shapes data, sized for a 2-core CPU (faster on a GPU):
 #   1. stage 1a  AugVAE-ML                       runs/shapes_augvae_ml
 #   2. stage 1b  AugVAE-SL finetuned from it     runs/shapes_augvae_sl
+#      stage 1c  its decoder side finetuned      runs/shapes_augvae_sl_dec  (ours; same token ids)
 #   3. a Shapes BPE (CLIP's recipe)              runs/shapes_tokenizer.json
 #   4. token encoding with the AugVAE-SL         runs/shapes_tokens
 #   5. stage 2   BiART                           runs/shapes_biart
@@ -27,7 +28,7 @@ if [ -z "${PRECISION:-}" ]; then
   if [[ "$DEVICE" == cuda* ]] || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
   if [ "$DEVICE" = auto ] && python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then PRECISION=bf16; fi
 fi
-[ "${FRESH:-0}" = 1 ] && rm -rf "$RUNS"/shapes_augvae_ml "$RUNS"/shapes_augvae_sl "$RUNS"/shapes_tokenizer.json \
+[ "${FRESH:-0}" = 1 ] && rm -rf "$RUNS"/shapes_augvae_ml "$RUNS"/shapes_augvae_sl "$RUNS"/shapes_augvae_sl_dec "$RUNS"/shapes_tokenizer.json \
   "$RUNS"/shapes_tokens "$RUNS"/shapes_biart "$RUNS"/shapes_clip
 mkdir -p "$RUNS"
 start=$(date +%s)
@@ -47,6 +48,7 @@ train_stage() {  # $1 script, $2 config, $3 run dir, rest: overrides; resumes a 
 
 train_stage train_augvae.py configs/shapes_augvae_ml.yaml "$RUNS/shapes_augvae_ml"; stamp "stage 1a (AugVAE-ML)"
 train_stage train_augvae.py configs/shapes_augvae_sl.yaml "$RUNS/shapes_augvae_sl" init_from="$RUNS/shapes_augvae_ml"; stamp "stage 1b (AugVAE-SL)"
+train_stage train_augvae.py configs/shapes_augvae_sl_decoder.yaml "$RUNS/shapes_augvae_sl_dec" init_from="$RUNS/shapes_augvae_sl"; stamp "stage 1c (AugVAE-SL decoder)"
 [ -f "$RUNS/shapes_tokenizer.json" ] || lverse train-tokenizer --data shapes --vocab-size 600 --out "$RUNS/shapes_tokenizer.json"
 [ -f "$RUNS/shapes_tokens/meta.json" ] || lverse encode --augvae "$RUNS/shapes_augvae_sl" --data shapes --size 20000 \
   --out "$RUNS/shapes_tokens" --num-workers 0 --device "$DEVICE"
@@ -55,6 +57,6 @@ train_stage train_biart.py configs/shapes_biart.yaml "$RUNS/shapes_biart" "data.
 [ -f "$RUNS/shapes_clip/clip.safetensors" ] || python -m lverse.clip_train --config configs/shapes_clip.yaml train.run_dir="$RUNS/shapes_clip" \
   train.threads="$THREADS"
 stamp "CLIP"
-python -m lverse.bundle --augvae "$RUNS/shapes_augvae_sl" --biart "$RUNS/shapes_biart" --clip "$RUNS/shapes_clip/clip.safetensors" --out "$OUT"
+python -m lverse.bundle --augvae "$RUNS/shapes_augvae_sl_dec" --biart "$RUNS/shapes_biart" --clip "$RUNS/shapes_clip/clip.safetensors" --out "$OUT"
 python bench/shapes_eval.py --checkpoint "$OUT" --n "$EVAL_N" --candidates "$EVAL_CANDIDATES" --out "$OUT"
 stamp "bundle + benchmark"
