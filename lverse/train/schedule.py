@@ -51,17 +51,19 @@ class PlateauHalving:
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        left = self.total_steps - step
-        if self.cooldown_steps and left <= self.cooldown_steps:
-            return self.min_lr + (self.lr - self.min_lr) * max(left, 0) / self.cooldown_steps
+        if self.in_cooldown(step):
+            return self.min_lr + (self.lr - self.min_lr) * max(self.total_steps - step, 0) / self.cooldown_steps
         return self.lr
+
+    def in_cooldown(self, step: int) -> bool:
+        return bool(self.cooldown_steps) and self.total_steps - step <= self.cooldown_steps
 
     def observe(self, loss: float, step: int | None = None) -> bool:
         """Record one step's loss; returns True when the learning rate was just halved.
         No halving once ``step`` is inside the cool-down (it decays the rate already)."""
         if not self.enabled or not math.isfinite(loss):
             return False
-        if self.cooldown_steps and step is not None and self.total_steps - step <= self.cooldown_steps:
+        if step is not None and self.in_cooldown(step):
             return False
         self._sum += loss
         self._n += 1
