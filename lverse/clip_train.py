@@ -60,7 +60,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 
 from lverse import clipio
-from lverse.clipio import load_clip  # noqa: F401  (the one reader and writer of clip files)
+from lverse.clipio import CLIP_FILE, load_clip  # noqa: F401  (the one reader and writer of clip files)
 import torch.nn.functional as F
 from torch import nn
 
@@ -83,7 +83,6 @@ from lverse.data.shapes import (
 )
 from lverse.io import atomic_write_text
 
-CLIP_FILE = "clip.safetensors"
 MODEL_NAME = "shapes-tiny-clip"
 CLIP_BPE_VOCAB = 49408  # ids of open_clip's CLIP BPE tokenizer (incl. start/end of text)
 # [-1, 1] in, [-1, 1] to the model: ClipReranker does (x01 - mean) / std with these.
@@ -226,11 +225,10 @@ class ClipTrainConfig:
 
 
 def build_clip(model_cfg: dict[str, Any]) -> nn.Module:
-    """An untrained ``open_clip.CLIP`` from its config dict (nothing is downloaded)."""
-    import open_clip  # slow import (timm, ...): only when a CLIP is built
-
+    """An untrained ``open_clip.CLIP`` from its config dict (nothing is downloaded); a config
+    that does not build one is a :class:`ConfigError`."""
     try:
-        return open_clip.CLIP(**model_cfg)
+        return clipio.build_open_clip(model_cfg)
     except TypeError as e:
         raise ConfigError(f"model_cfg does not build an open_clip CLIP ({e}): {model_cfg}") from None
 
