@@ -90,7 +90,7 @@ class _Tally:
 def run_benchmark(
     pipe: LVersePipeline,
     n: int = 500,
-    candidates: int = 16,
+    candidates: int = 64,
     seed: int = 0,
     rerankers: Sequence[str] = RERANKERS,
     batch_size: int = 256,
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Shapes benchmark: reconstruction, image→text, text→image with rerankers.")
     ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: the shipped checkpoints/shapes)")
     ap.add_argument("--n", type=int, default=500, help="test scenes")
-    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=64,
+                    help="candidates per item (default 64: the paper's number for both directions)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rerankers", default=",".join(RERANKERS))
     ap.add_argument("--batch-size", type=int, default=256)

@@ -22,7 +22,7 @@ OUT="${OUT:-checkpoints/shapes}"
 RUNS="${RUNS:-runs}"
 DEVICE="${DEVICE:-auto}"
 EVAL_N="${EVAL_N:-500}"
-EVAL_CANDIDATES="${EVAL_CANDIDATES:-16}"
+EVAL_CANDIDATES="${EVAL_CANDIDATES:-64}"
 THREADS="${THREADS:-0}"
 if [ -z "${PRECISION:-}" ]; then
   if [[ "$DEVICE" == cuda* ]] || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
