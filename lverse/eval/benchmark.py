@@ -32,6 +32,8 @@ from ..sampling import generate_captions, generate_images
 from .shapes import match, read_images, try_parse_caption
 
 RERANKERS = ("none", "clip", "cycle", "clip+cycle")
+# Candidates per item: the paper's number for both directions (L-Verse §4, DESIGN.md).
+CANDIDATES = 64
 # The bar for the shipped checkpoints: exact scenes, generation with the best reranker.
 TARGETS = {"reconstruction": 0.98, "image_to_text": 0.90, "text_to_image": 0.80}
 # The model card's benchmark section lies between these lines; the report rewrites it.
@@ -90,7 +92,7 @@ class _Tally:
 def run_benchmark(
     pipe: LVersePipeline,
     n: int = 500,
-    candidates: int = 64,
+    candidates: int = CANDIDATES,
     seed: int = 0,
     rerankers: Sequence[str] = RERANKERS,
     batch_size: int = 256,
@@ -263,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Shapes benchmark: reconstruction, image→text, text→image with rerankers.")
     ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: the shipped checkpoints/shapes)")
     ap.add_argument("--n", type=int, default=500, help="test scenes")
-    ap.add_argument("--candidates", type=int, default=64,
-                    help="candidates per item (default 64: the paper's number for both directions)")
+    ap.add_argument("--candidates", type=int, default=CANDIDATES,
+                    help=f"candidates per item (default {CANDIDATES}: the paper's number for both directions)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rerankers", default=",".join(RERANKERS))
     ap.add_argument("--batch-size", type=int, default=256)
