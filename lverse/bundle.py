@@ -36,12 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default="")
     ap.add_argument("--clip", default="", help="clip.safetensors (optional)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="recommend classifier-free guidance at this scale for text->image (sampling.json); "
+                         "only for a BiART trained with text_dropout > 0")
     args = ap.parse_args(argv)
     try:
         augvae = AugVAE.load(resolve_weights(args.augvae))
         biart = BiART.load(resolve_weights(args.biart)).float()
         tokenizer = TextTokenizer.load(args.tokenizer or find_tokenizer(args.biart))
-        pipe = LVersePipeline(augvae, biart, tokenizer)
+        sampling = {} if args.guidance is None else {"guidance": args.guidance}
+        pipe = LVersePipeline(augvae, biart, tokenizer, sampling=sampling)
         if args.clip:
             model, meta = load_clip(args.clip)
             pipe.set_clip(model, meta["model_cfg"], meta.get("model_name", "custom"))

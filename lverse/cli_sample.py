@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=None,
                    help=f"nucleus filter, 1 = off (default: off for images, {CAPTION_TOP_P} for captions)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale for images, 1 = off (default: the checkpoint's "
+                        "sampling.json, else 1; needs a BiART trained with text_dropout > 0)")
     s.add_argument("--seed", type=int, default=0, help="base seed; round r of a prompt uses seed + r (default 0)")
     s.add_argument("--max-text-tokens", type=int, default=None,
                    help="caption tokens drawn (default 32, as in the paper, or the model's text length if shorter)")
@@ -105,6 +108,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise CLIError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     if args.top_k is not None and args.top_k < 0:
         raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -240,14 +245,17 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
 
 
-def _sampling_params(args: argparse.Namespace, direction: str) -> SamplingParams:
+def _sampling_params(args: argparse.Namespace, direction: str, pipe: LVersePipeline | None = None) -> SamplingParams:
+    guidance = 1.0
     if direction == "t2i":
         top_k = IMAGE_TOP_K if args.top_k is None else args.top_k
         top_p = 1.0 if args.top_p is None else args.top_p
+        default = pipe.sampling.get("guidance", 1.0) if pipe is not None else 1.0
+        guidance = default if args.guidance is None else args.guidance
     else:
         top_k = 0 if args.top_k is None else args.top_k
         top_p = CAPTION_TOP_P if args.top_p is None else args.top_p
-    return SamplingParams(temperature=args.temperature, top_k=top_k, top_p=top_p)
+    return SamplingParams(temperature=args.temperature, top_k=top_k, top_p=top_p, guidance=guidance)
 
 
 def _settings(args: argparse.Namespace, pipe: LVersePipeline, mode: str, params: SamplingParams, n_draw: int) -> dict[str, Any]:
@@ -261,6 +269,7 @@ def _settings(args: argparse.Namespace, pipe: LVersePipeline, mode: str, params:
         "temperature": params.temperature,
         "top_k": params.top_k,
         "top_p": params.top_p,
+        "guidance": params.guidance,
         "seed": args.seed,
     }
 
@@ -276,7 +285,7 @@ def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str],
         if n + 1 > pipe.text_len:
             print(f"warning: prompt {i + 1} ({p[:40]!r}...) has {n} tokens; the model reads {pipe.text_len} "
                   "including the end token: truncated", file=sys.stderr)
-    params = _sampling_params(args, "t2i")
+    params = _sampling_params(args, "t2i", pipe)
     n_draw = 1 if scorer.mode == "none" else args.candidates
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,10 @@ from lverse.vocab import VocabLayout
 AUGVAE_FILE = "augvae.safetensors"
 BIART_FILE = "biart.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+# Optional: how the bundle's maker recommends sampling it, e.g. {"guidance": 2.0} for a BiART
+# trained with caption dropout. sample.py and the benchmark use these unless told otherwise.
+SAMPLING_FILE = "sampling.json"
+SAMPLING_KEYS = ("guidance",)
 CHECKPOINT_ENV = "LVERSE_CHECKPOINT"
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -158,8 +162,10 @@ class LVersePipeline:
         path: str | Path | None = None,
         clip: torch.nn.Module | None = None,
         clip_meta: dict[str, Any] | None = None,
+        sampling: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
+        self.sampling = check_sampling(dict(sampling or {}), self.path)
         check_compatible(augvae, biart, tokenizer, self.path)
         self.augvae = augvae.eval()
         self.biart = biart.eval()
@@ -196,7 +202,8 @@ class LVersePipeline:
         augvae = AugVAE.load(root / AUGVAE_FILE, device=dev).float()
         biart = BiART.load(root / BIART_FILE, device=dev)
         biart = biart.float() if dtype == torch.float32 else biart.to_o2(dtype)
-        return cls(augvae, biart, tokenizer, path=root)
+        sampling = _read_json(root / SAMPLING_FILE) if (root / SAMPLING_FILE).is_file() else {}
+        return cls(augvae, biart, tokenizer, path=root, sampling=sampling)
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle (and the CLIP, if one is loaded) into directory ``path``."""
@@ -205,6 +212,10 @@ class LVersePipeline:
         self.augvae.save(root / AUGVAE_FILE)
         self.biart.save(root / BIART_FILE)
         self.tokenizer.save(root / TOKENIZER_FILE)
+        if self.sampling:
+            (root / SAMPLING_FILE).write_text(json.dumps(self.sampling, indent=2) + "\n")
+        elif (root / SAMPLING_FILE).is_file():
+            (root / SAMPLING_FILE).unlink()  # a stale recommendation would outlive the model it was for
         if self.has_clip:
             model, meta = self.clip()
             own = ("kind", "model_name", "model_cfg", "preprocess_cfg")
@@ -321,6 +332,28 @@ class LVersePipeline:
 # ------------------------------------------------------------------------------------------
 # Consistency checks
 # ------------------------------------------------------------------------------------------
+
+
+def check_sampling(sampling: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """Validate a bundle's sampling recommendations (:data:`SAMPLING_FILE`)."""
+    where = f"{root / SAMPLING_FILE}: " if root is not None else "sampling: "
+    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"{where}unknown key(s) {unknown}; known: {list(SAMPLING_KEYS)}")
+    g = sampling.get("guidance", 1.0)
+    if not isinstance(g, (int, float)) or isinstance(g, bool) or not g >= 0:
+        raise ValueError(f"{where}guidance must be a number >= 0 (1 = off), got {g!r}")
+    return sampling
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _read_config(path: Path, kind: str) -> dict[str, Any]:

@@ -52,7 +52,8 @@ class SamplingParams:
     """How the next token is drawn from the (masked) logits.
 
     ``temperature == 0`` or ``greedy`` takes the argmax. ``top_k == 0`` and ``top_p == 1``
-    switch those filters off. Order: mask, temperature, top-k, top-p (as in common practice;
+    switch those filters off. ``guidance != 1`` mixes in the unconditional logits first
+    (:func:`guide`); :func:`decode` needs an ``uncond`` prompt for it. Order: mask, temperature, top-k, top-p (as in common practice;
     top-p then acts on the tempered, top-k-restricted distribution).
     """
 
@@ -60,8 +61,11 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
+    guidance: float = 1.0  # classifier-free guidance scale for text -> image; 1 = off (the paper)
 
     def __post_init__(self) -> None:
+        if not self.guidance >= 0.0:
+            raise ValueError(f"guidance must be >= 0 (1 = off), got {self.guidance}")
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -123,6 +127,16 @@ def sample_from_logits(
     x = filter_logits(logits, allowed, params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(x, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, 2022; not in L-Verse): ``logits`` stacks the
+    conditional rows over the unconditional ones ``(2N, V)``; returns ``u + scale * (c - u)``
+    ``(N, V)`` in fp32. ``scale = 1`` is the conditional model alone, larger values push each
+    draw towards what the caption makes more likely than no caption does.
+    """
+    c, u = logits.float().chunk(2, dim=0)
+    return u + scale * (c - u)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -211,14 +225,18 @@ def _decode_rows_cached(
     params: SamplingParams,
     generator: torch.Generator | None,
     progress: Progress | None,
+    guided: bool = False,
 ) -> torch.Tensor:
-    rows = first_logits.shape[0]
+    """``guided``: the cache and ``first_logits`` hold the unconditional rows below the
+    conditional ones; both halves are fed the token drawn from the guided logits."""
+    fed = first_logits.shape[0]
+    rows = fed // 2 if guided else fed
     out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=first_logits.device)
-    seg = torch.full((rows, 1), GEN, dtype=torch.long, device=first_logits.device)
+    seg = torch.full((fed, 1), GEN, dtype=torch.long, device=first_logits.device)
     done = torch.zeros(rows, dtype=torch.bool, device=first_logits.device) if part.end_ids is not None else None
     logits = first_logits
     for t in range(n_new):
-        tok = _next(logits, part, params, generator, done)
+        tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
         out[:, t] = tok
         if progress is not None:
             progress(rows)
@@ -226,7 +244,8 @@ def _decode_rows_cached(
             if progress is not None and t < n_new - 1:
                 progress(rows * (n_new - 1 - t))  # the rest is PAD: account for it at once
             break
-        logits = _span(model(tok[:, None], seg, cache=cache, start_pos=prompt_len + t, last_only=True)[:, -1], part)
+        feed = torch.cat([tok, tok]) if guided else tok
+        logits = _span(model(feed[:, None], seg, cache=cache, start_pos=prompt_len + t, last_only=True)[:, -1], part)
     return out
 
 
@@ -239,17 +258,21 @@ def _decode_rows_uncached(
     params: SamplingParams,
     generator: torch.Generator | None,
     progress: Progress | None,
+    guided: bool = False,
 ) -> torch.Tensor:
-    """Reference decoder: the whole sequence so far goes through the model at every step."""
-    rows = prompt.shape[0]
+    """Reference decoder: the whole sequence so far goes through the model at every step.
+    ``guided``: ``prompt`` stacks the unconditional prompts below the conditional ones."""
+    fed = prompt.shape[0]
+    rows = fed // 2 if guided else fed
     out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=prompt.device)
-    gen_seg = torch.full((rows, n_new), GEN, dtype=torch.long, device=prompt.device)
+    gen_seg = torch.full((fed, n_new), GEN, dtype=torch.long, device=prompt.device)
     done = torch.zeros(rows, dtype=torch.bool, device=prompt.device) if part.end_ids is not None else None
     for t in range(n_new):
-        idx = torch.cat([prompt, out[:, :t]], dim=1)
+        drawn = torch.cat([out, out]) if guided else out
+        idx = torch.cat([prompt, drawn[:, :t]], dim=1)
         seg = torch.cat([segments, gen_seg[:, :t]], dim=1)
         logits = _span(model(idx, seg, last_only=True)[:, -1], part)  # the full head, then the span
-        tok = _next(logits, part, params, generator, done)
+        tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
         out[:, t] = tok
         if progress is not None:
             progress(rows)
@@ -299,6 +322,7 @@ def decode(
     use_cache: bool = True,
     progress: Progress | None = None,
     restrict_head: bool = True,
+    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw ``candidates`` continuations of ``n_new`` tokens for each prompt row.
 
@@ -308,6 +332,11 @@ def decode(
 
     ``restrict_head`` (cached decoder only): compute the output head for the allowed span of
     ids only. The uncached reference always computes the full head and then takes the span.
+
+    ``uncond``: the unconditional prompt and segments ``(1, P)`` that classifier-free guidance
+    (``params.guidance != 1``) contrasts every row with. It is prefilled once; each decoding
+    row then gets an unconditional twin, so a step runs twice the rows (``batch_size`` counts
+    both).
     """
     if n_new < 1:
         raise ValueError(f"decode: n_new must be >= 1, got {n_new}")
@@ -316,6 +345,13 @@ def decode(
     if batch_size < 1:
         raise ValueError(f"decode: batch_size must be >= 1, got {batch_size}")
     B, P = prompt.shape
+    guided = params.guidance != 1.0
+    if guided:
+        if uncond is None:
+            raise ValueError("decode: guidance != 1 needs an unconditional prompt (uncond=)")
+        if uncond[0].shape != (1, P) or uncond[1].shape != (1, P):
+            raise ValueError(f"decode: uncond must be (1, {P}) prompt and segments, got {tuple(uncond[0].shape)}")
+        batch_size = max(1, batch_size // 2)
     if P + n_new - 1 > model.cfg.block_size:
         raise ValueError(f"decode: prompt {P} + {n_new} new tokens exceed block_size {model.cfg.block_size}")
     device = model.device
@@ -332,6 +368,10 @@ def decode(
             for b0 in range(0, B, group):
                 pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
                 nb = pr.shape[0]
+                if use_cache and guided and b0 == 0:
+                    upr, usg = uncond[0].to(device), uncond[1].to(device)  # type: ignore[index]
+                    ucache = model.new_cache(1, max_len=P + n_new - 1)
+                    ufirst = _span(model(upr, usg, cache=ucache, start_pos=0, last_only=True)[:, -1], part)
                 if use_cache:
                     # The last drawn token is never fed back, hence P + n_new - 1 positions.
                     cache = model.new_cache(nb, max_len=P + n_new - 1)
@@ -342,14 +382,20 @@ def decode(
                         # A single chunk of one candidate may write into the prefill cache itself;
                         # otherwise each chunk needs its own copy (rows diverge from here on).
                         c = cache if (n == 1 and candidates == 1) else cache.repeat(n)
-                        rows = _decode_rows_cached(
-                            model, c, first.repeat_interleave(n, 0), P, n_new, part, params, generator, progress
-                        )
+                        f = first.repeat_interleave(n, 0)
+                        if guided:  # unconditional twins below the conditional rows
+                            r = nb * n
+                            c = KVCache(torch.cat([c.k, ucache.k.expand(-1, r, -1, -1, -1)], 1),
+                                        torch.cat([c.v, ucache.v.expand(-1, r, -1, -1, -1)], 1))
+                            f = torch.cat([f, ufirst.expand(r, -1)])
+                        rows = _decode_rows_cached(model, c, f, P, n_new, part, params, generator, progress, guided)
                     else:
-                        rows = _decode_rows_uncached(
-                            model, pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0), n_new, part, params,
-                            generator, progress,
-                        )
+                        p_, s_ = pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0)
+                        if guided:
+                            r = nb * n
+                            p_ = torch.cat([p_, uncond[0].to(device).expand(r, -1)])  # type: ignore[index]
+                            s_ = torch.cat([s_, uncond[1].to(device).expand(r, -1)])  # type: ignore[index]
+                        rows = _decode_rows_uncached(model, p_, s_, n_new, part, params, generator, progress, guided)
                     out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
     finally:
         model.train(was_training)
@@ -362,9 +408,15 @@ def decode(
 
 
 def _params(
-    params: SamplingParams | None, temperature: float, top_k: int, top_p: float, greedy: bool
+    params: SamplingParams | None, temperature: float, top_k: int, top_p: float, greedy: bool, guidance: float = 1.0
 ) -> SamplingParams:
-    return params if params is not None else SamplingParams(temperature, top_k, top_p, greedy)
+    return params if params is not None else SamplingParams(temperature, top_k, top_p, greedy, guidance)
+
+
+def empty_caption(vocab: VocabLayout, text_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The unconditional caption ``(1, text_len)``: all PAD. No prompt encodes to it (every
+    encoded prompt holds at least ``<end_of_text>``), so it is free to mean "no caption"."""
+    return torch.full((1, text_len), vocab.pad, dtype=torch.long, device=device)
 
 
 def image_part(vocab: VocabLayout) -> TargetPart:
@@ -388,6 +440,7 @@ def generate_images(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
+    guidance: float = 1.0,
     params: SamplingParams | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -399,12 +452,18 @@ def generate_images(
 
     ``text_ids_global``: ``(B, text_len)`` BiART ids (caption ids, eot, PAD), e.g. from
     :meth:`lverse.pipeline.LVersePipeline.encode_prompts`.
+
+    ``guidance != 1``: classifier-free guidance against the empty caption (all PAD), which a
+    BiART trained with ``text_dropout > 0`` has learnt to model; with a BiART that never saw
+    an empty caption it only adds noise.
     """
     prompt, seg = model.build_prompt(text_ids_global.to(model.device), "t2i")
     gen = generator if generator is not None else make_generator(seed, model.device)
+    params = _params(params, temperature, top_k, top_p, greedy, guidance)
+    uncond = model.build_prompt(empty_caption(model.vocab, model.cfg.text_len, model.device), "t2i") if params.guidance != 1.0 else None
     ids = decode(
         model, prompt, seg, model.cfg.image_len, candidates, image_part(model.vocab),
-        _params(params, temperature, top_k, top_p, greedy), gen, batch_size, use_cache, progress,
+        params, gen, batch_size, use_cache, progress, uncond=uncond,
     )
     return model.vocab.global_to_image(ids)
 
@@ -495,6 +554,8 @@ __all__: Sequence[str] = (
     "make_generator",
     "decode",
     "TargetPart",
+    "empty_caption",
+    "guide",
     "image_part",
     "text_part",
     "generate_images",

@@ -294,3 +294,40 @@ def test_default_checkpoint_from_environment(ckpt: Path, tmp_path: Path, monkeyp
     assert default_checkpoint_dir() == ckpt
     assert main(["--text", "a red circle", "--candidates", "2", "--out", str(tmp_path), *BASE]) == 0
     assert json.loads((tmp_path / "samples.json").read_text())["checkpoint"] == str(ckpt)
+
+
+def test_guidance_from_sampling_json_and_flag(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """A bundle's sampling.json sets the default guidance; --guidance overrides it; a bad
+    file is a one-line error naming it."""
+    g = tmp_path / "guided"
+    shutil.copytree(ckpt, g)
+    pipe = LVersePipeline.load(g, device="cpu")
+    assert pipe.sampling == {}
+    pipe.sampling = {"guidance": 2.5}
+    pipe.save(g)
+    assert json.loads((g / "sampling.json").read_text()) == {"guidance": 2.5}
+    assert LVersePipeline.load(g, device="cpu").sampling == {"guidance": 2.5}
+
+    def draw(root: Path, *extra: str) -> dict:
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        assert main(["--checkpoint", str(root), "--text", "a red circle", "--candidates", "2", "--out", str(out),
+                     "--rerank", "none", *extra, *BASE]) == 0
+        return json.loads((out / "samples.json").read_text())
+
+    rep = draw(g)
+    assert rep["guidance"] == 2.5
+    assert draw(g, "--guidance", "1")["guidance"] == 1.0
+    assert draw(ckpt)["guidance"] == 1.0
+    (g / "sampling.json").write_text('{"guidance": "lots"}')
+    assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
+    line = _err_line(capsys)
+    assert "sampling.json" in line and "guidance" in line
+    (g / "sampling.json").write_text('{"temperature": 0.5}')
+    assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
+    assert "unknown key" in _err_line(capsys)
+    assert main(["--checkpoint", str(ckpt), "--text", "a", "--guidance", "-1", *BASE]) != 0
+    assert "--guidance" in _err_line(capsys)
+    # Saving without a recommendation removes a stale file.
+    pipe.sampling = {}
+    pipe.save(g)
+    assert not (g / "sampling.json").exists()

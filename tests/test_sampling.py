@@ -14,6 +14,7 @@ from lverse.sampling import (
     caption_token_ids,
     decode,
     decode_captions,
+    empty_caption,
     filter_logits,
     generate_captions,
     generate_images,
@@ -136,6 +137,47 @@ def test_greedy_matches_step_by_step_argmax_of_full_forward() -> None:
             idx = torch.cat([idx, tok], 1)
             sg = torch.cat([sg, torch.ones_like(tok)], 1)
     assert torch.equal(got, idx[:, prompt.shape[1]:])
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_guided_cached_equals_uncached_and_full_forward_reference(batch_size: int) -> None:
+    """Classifier-free guidance: the cached decoder (unconditional twins in the KV cache)
+    writes what the uncached one does, and both match an independent reference: two full
+    forward passes per step, mixed as u + s * (c - u), argmax over image codes."""
+    m = tiny(4, scale=10)
+    text = random_text(m, 3, seed=1)
+    s = 3.0
+    a = generate_images(m, text, 2, greedy=True, guidance=s, batch_size=batch_size)
+    b = generate_images(m, text, 2, greedy=True, guidance=s, batch_size=batch_size, use_cache=False)
+    assert torch.equal(a, b)
+    pc, sc = m.build_prompt(text, "t2i")
+    pu, su = m.build_prompt(empty_caption(m.vocab, m.cfg.text_len).expand(3, -1), "t2i")
+    drawn = torch.empty(3, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(m.cfg.image_len):
+            gseg = torch.ones_like(drawn)
+            c = m(torch.cat([pc, drawn], 1), torch.cat([sc, gseg], 1))[:, -1].float()
+            u = m(torch.cat([pu, drawn], 1), torch.cat([su, gseg], 1))[:, -1].float()
+            mixed = (u + s * (c - u)).masked_fill(~m.vocab.image_mask(), float("-inf"))
+            drawn = torch.cat([drawn, mixed.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(a[:, 0], m.vocab.global_to_image(drawn))
+    # Guidance changes the images (scale 3 is not the conditional model), and 1 is off.
+    assert not torch.equal(a, generate_images(m, text, 2, greedy=True, batch_size=batch_size))
+    assert torch.equal(generate_images(m, text, 2, greedy=True, guidance=1.0),
+                       generate_images(m, text, 2, greedy=True))
+
+
+def test_guided_sampling_is_seeded_and_needs_an_unconditional_prompt() -> None:
+    m = tiny(5, scale=10)
+    text = random_text(m, 2)
+    a = generate_images(m, text, 3, guidance=2.0, seed=7, batch_size=4)
+    assert torch.equal(a, generate_images(m, text, 3, guidance=2.0, seed=7, batch_size=4, use_cache=False))
+    assert torch.equal(a, generate_images(m, text, 3, guidance=2.0, seed=7, batch_size=4))
+    prompt, seg = m.build_prompt(text, "t2i")
+    with pytest.raises(ValueError, match="uncond"):
+        decode(m, prompt, seg, 2, 1, image_part(m.vocab), SamplingParams(guidance=2.0))
+    with pytest.raises(ValueError, match="guidance"):
+        SamplingParams(guidance=-1.0)
 
 
 def test_temperature_zero_is_greedy() -> None:

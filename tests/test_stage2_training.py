@@ -77,6 +77,31 @@ def test_direction_alternates_identically(shapes_tokens: tuple[Path, Path], tmp_
     assert [task.direction(s) for s in range(4)] == ["t2i", "i2t", "t2i", "i2t"]
 
 
+def test_text_dropout_empties_only_text_to_image_captions(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
+    """Classifier-free guidance's training half: about ``text_dropout`` of the text->image
+    captions become all PAD, image->text rows never, the same rows again for the same step."""
+    cfg = cfg_for(*shapes_tokens, tmp_path / "x")
+    cfg.text_dropout = 0.25
+    task = Stage2Task(cfg)
+    text = torch.full((400, cfg.model.text_len), task.vocab.text_start)
+    out = task.drop_captions(text, step=4, n_t2i=200)
+    empty = (out == task.vocab.pad).all(1)
+    assert 30 < int(empty[:200].sum()) < 70 and not bool(empty[200:].any())
+    assert torch.equal(out[~empty], text[~empty])
+    assert torch.equal(task.drop_captions(text, 4, 200), out)
+    assert not torch.equal(task.drop_captions(text, 6, 200), out)
+    # An empty caption contributes no text term to the loss: its rows train p(image) only.
+    from lverse.models.biart import sequence_nll
+    codes = torch.zeros(2, cfg.model.image_len, dtype=torch.long)
+    idx, seg = task.model.build_sequence(torch.full((2, cfg.model.text_len), task.vocab.pad), codes, "t2i")
+    _, st = sequence_nll(task.model(idx, seg), idx, seg, task.vocab)
+    assert int(st["n_text"]) == 0 and int(st["n_image"]) == 2 * cfg.model.image_len
+    with pytest.raises(Exception, match="text_dropout"):
+        bad = cfg_for(*shapes_tokens, tmp_path / "y")
+        bad.text_dropout = 1.0
+        Stage2Task(bad)
+
+
 def test_resume_matches_unbroken(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
     full, _ = fit(cfg_for(*shapes_tokens, tmp_path / "a", max_steps=8))
     fit(cfg_for(*shapes_tokens, tmp_path / "b", max_steps=5))

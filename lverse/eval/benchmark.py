@@ -98,12 +98,14 @@ def run_benchmark(
     batch_size: int = 256,
     t2i_top_k: int = 0,
     t2i_temperature: float = 1.0,
+    t2i_guidance: float | None = None,
     i2t_top_p: float = 0.9,
     i2t_temperature: float = 1.0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     picks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; ``picks`` (if given) receives, per reranker, the chosen captions
+    """Run the benchmark; ``t2i_guidance=None`` takes the bundle's recommendation
+    (``pipe.sampling``, else 1 = off). ``picks`` (if given) receives, per reranker, the chosen captions
     (``"captions/<r>"``) and images (``"images/<r>"``, (n,3,R,R)) for pictures and demos."""
     use_clip = pipe.has_clip and any("clip" in r for r in rerankers)
     rerankers = [r for r in rerankers if use_clip or "clip" not in r]
@@ -115,8 +117,10 @@ def run_benchmark(
     captions = [it["caption"] for it in items]
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
+    if t2i_guidance is None:
+        t2i_guidance = float(pipe.sampling.get("guidance", 1.0))
     report: dict[str, Any] = {"n": n, "heldout_items": sum(heldout), "candidates": candidates, "seed": seed,
-                              "rerankers": list(rerankers)}
+                              "rerankers": list(rerankers), "t2i_guidance": t2i_guidance}
     t0 = time.time()
 
     # --- reconstruction -------------------------------------------------------------------
@@ -165,7 +169,7 @@ def run_benchmark(
     t2 = time.time()
     text_ids, _ = pipe.encode_prompts(captions, warn=False)
     gen = generate_images(pipe.biart, text_ids, candidates, temperature=t2i_temperature, top_k=t2i_top_k,
-                          seed=seed + 1, batch_size=batch_size)  # (n, C, image_len)
+                          guidance=t2i_guidance, seed=seed + 1, batch_size=batch_size)  # (n, C, image_len)
     tally = _Tally(heldout)
     for i in range(n):
         imgs = pipe.decode_images(gen[i], batch_size=64)
@@ -203,7 +207,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     """The report as markdown: one row per (direction, reranker), seen / held-out apart."""
     lines = [
         f"Shapes test set: {report['n']} scenes ({report['heldout_items']} with a held-out colour–shape pair), "
-        f"{report['candidates']} candidates per item, seed {report['seed']}.",
+        f"{report['candidates']} candidates per item, seed {report['seed']}"
+        + (f", text→image with classifier-free guidance {report['t2i_guidance']:g}." if report.get("t2i_guidance", 1.0) != 1.0 else "."),
         "",
         "| task | reranker | exact | seen | held-out |",
         "|---|---|---|---|---|",
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rerankers", default=",".join(RERANKERS))
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale for text->image (default: the bundle's sampling.json, else 1 = off)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/shapes_eval", help="writes report.json and report.md here")
     args = ap.parse_args(argv)
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size)
+    report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
+                           t2i_guidance=args.guidance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))

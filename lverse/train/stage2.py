@@ -42,6 +42,10 @@ class Stage2Config:
     auto_vocab: bool = True
     directions: str = "alternate"  # alternate | mixed | t2i | i2t
     ref_weight: float = 1.0        # weight of the REF-part NLL
+    # Probability that a text->image sample's caption is replaced by the empty caption (all PAD),
+    # so the model also learns p(image) and sampling can use classifier-free guidance
+    # (`sample.py --guidance`). Not in the paper: 0 there.
+    text_dropout: float = 0.0
     gen_weight: float = 1.0        # weight of the GEN-part NLL
     init_from: str = ""            # warm start from BiART weights (file or run dir)
     train: TrainConfig = field(
@@ -82,6 +86,8 @@ class Stage2Task(Task):
     def __init__(self, cfg: Stage2Config) -> None:
         if cfg.directions not in DIRECTIONS:
             raise ConfigError(f"directions={cfg.directions!r} is not one of {DIRECTIONS}")
+        if not 0.0 <= cfg.text_dropout < 1.0:
+            raise ConfigError(f"text_dropout={cfg.text_dropout} must be in [0, 1)")
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.dataset = TokenDataset(cfg.data.tokens)
@@ -119,6 +125,8 @@ class Stage2Task(Task):
         text = batch["text"].to(self.device, non_blocking=True)
         codes = batch["codes"].to(self.device, non_blocking=True)
         direction = self.direction(step)
+        if direction in ("t2i", "mixed") and self.cfg.text_dropout > 0:
+            text = self.drop_captions(text, step, text.shape[0] // 2 if direction == "mixed" else text.shape[0])
         if direction == "mixed":
             h = text.shape[0] // 2
             a = self.model.build_sequence(text[:h], codes[:h], "t2i")
@@ -147,6 +155,16 @@ class Stage2Task(Task):
                 logs[f"{d}/nll_image"] = float(st["nll_image"])
                 off += n
         return loss, logs
+
+    def drop_captions(self, text: torch.Tensor, step: int, n_t2i: int) -> torch.Tensor:
+        """The first ``n_t2i`` rows (the text->image ones) become the empty caption with
+        probability ``text_dropout``. All-PAD text adds nothing to the loss (PAD targets are
+        not scored), so such a row trains the image part only, as p(image | no caption).
+        The draw depends on the step alone: a resumed run drops the same rows."""
+        g = torch.Generator().manual_seed(0x5EED + step)
+        drop = torch.rand(text.shape[0], generator=g) < self.cfg.text_dropout
+        drop[n_t2i:] = False
+        return text.masked_fill(drop.to(text.device)[:, None], self.vocab.pad)
 
     def extra_files(self) -> dict[str, str]:
         return {"tokenizer.json": self.tokenizer.to_str()}
