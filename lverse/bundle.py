@@ -29,6 +29,18 @@ def find_tokenizer(biart_path: str | Path) -> Path:
     raise FileNotFoundError(f"no tokenizer.json next to {weights} or in {p}; pass --tokenizer")
 
 
+def trained_text_dropout(biart_path: str | Path) -> float | None:
+    """``text_dropout`` from the BiART run's resolved config, if the run directory has one."""
+    p = Path(biart_path)
+    cfg = p / "config.yaml" if p.is_dir() else None
+    if cfg is None or not cfg.is_file():
+        return None
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text()) or {}
+    return float(data.get("text_dropout", 0.0)) if isinstance(data, dict) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lverse.bundle", description=__doc__.splitlines()[0])
     ap.add_argument("--augvae", required=True)
@@ -45,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         biart = BiART.load(resolve_weights(args.biart)).float()
         tokenizer = TextTokenizer.load(args.tokenizer or find_tokenizer(args.biart))
         sampling = {} if args.guidance is None else {"guidance": args.guidance}
+        if args.guidance not in (None, 1.0) and trained_text_dropout(args.biart) == 0.0:
+            print(f"warning: --guidance {args.guidance:g}, but {args.biart} was trained with text_dropout 0: it never saw "
+                  "the empty caption that guidance contrasts with, so guided images will be worse", file=sys.stderr)
         pipe = LVersePipeline(augvae, biart, tokenizer, sampling=sampling)
         if args.clip:
             model, meta = load_clip(args.clip)

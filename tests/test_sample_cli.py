@@ -331,3 +331,24 @@ def test_guidance_from_sampling_json_and_flag(ckpt: Path, tmp_path: Path, capsys
     pipe.sampling = {}
     pipe.save(g)
     assert not (g / "sampling.json").exists()
+
+
+def test_bundle_cli_writes_sampling_json_and_warns_without_caption_dropout(ckpt: Path, tmp_path: Path, capsys) -> None:
+    from lverse.bundle import main as bundle_main
+
+    run = tmp_path / "biart_run"
+    run.mkdir()
+    shutil.copy(ckpt / "biart.safetensors", run / "model.safetensors")
+    shutil.copy(ckpt / "biart.json", run / "model.json")
+    shutil.copy(ckpt / "tokenizer.json", run / "tokenizer.json")
+    (run / "config.yaml").write_text("text_dropout: 0.0\n")
+    out = tmp_path / "bundle"
+    assert bundle_main(["--augvae", str(ckpt / "augvae.safetensors"), "--biart", str(run), "--out", str(out),
+                        "--guidance", "2"]) == 0
+    assert "text_dropout 0" in capsys.readouterr().err
+    assert json.loads((out / "sampling.json").read_text()) == {"guidance": 2.0}
+    assert LVersePipeline.load(out, device="cpu").sampling == {"guidance": 2.0}
+    (run / "config.yaml").write_text("text_dropout: 0.1\n")
+    assert bundle_main(["--augvae", str(ckpt / "augvae.safetensors"), "--biart", str(run), "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert not (out / "sampling.json").exists()  # no recommendation: the stale file is gone
