@@ -53,8 +53,9 @@ class SamplingParams:
 
     ``temperature == 0`` or ``greedy`` takes the argmax. ``top_k == 0`` and ``top_p == 1``
     switch those filters off. ``guidance != 1`` mixes in the unconditional logits first
-    (:func:`guide`); :func:`decode` needs an ``uncond`` prompt for it. Order: mask, temperature, top-k, top-p (as in common practice;
-    top-p then acts on the tempered, top-k-restricted distribution).
+    (:func:`guide`); :func:`decode` needs an ``uncond`` prompt for it. Order: mask,
+    temperature, top-k, top-p (as in common practice; top-p then acts on the tempered,
+    top-k-restricted distribution).
     """
 
     temperature: float = 1.0
@@ -365,13 +366,13 @@ def decode(
     model.eval()  # no dropout while sampling
     try:
         with _head_rows(model, *part.span) if (use_cache and restrict_head) else nullcontext():
+            if use_cache and guided:  # the one unconditional prompt, prefilled once for all rows
+                upr, usg = uncond[0].to(device), uncond[1].to(device)  # type: ignore[index]
+                ucache = model.new_cache(1, max_len=P + n_new - 1)
+                ufirst = _span(model(upr, usg, cache=ucache, start_pos=0, last_only=True)[:, -1], part)
             for b0 in range(0, B, group):
                 pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
                 nb = pr.shape[0]
-                if use_cache and guided and b0 == 0:
-                    upr, usg = uncond[0].to(device), uncond[1].to(device)  # type: ignore[index]
-                    ucache = model.new_cache(1, max_len=P + n_new - 1)
-                    ufirst = _span(model(upr, usg, cache=ucache, start_pos=0, last_only=True)[:, -1], part)
                 if use_cache:
                     # The last drawn token is never fed back, hence P + n_new - 1 positions.
                     cache = model.new_cache(nb, max_len=P + n_new - 1)
