@@ -250,7 +250,7 @@ def _sampling_params(args: argparse.Namespace, direction: str, pipe: LVersePipel
     if direction == "t2i":
         top_k = IMAGE_TOP_K if args.top_k is None else args.top_k
         top_p = 1.0 if args.top_p is None else args.top_p
-        default = pipe.sampling.get("guidance", 1.0) if pipe is not None else 1.0
+        default = pipe.guidance if pipe is not None else 1.0
         guidance = default if args.guidance is None else args.guidance
     else:
         top_k = 0 if args.top_k is None else args.top_k

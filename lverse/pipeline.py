@@ -225,6 +225,11 @@ class LVersePipeline:
 
     # --- properties -----------------------------------------------------------------------
     @property
+    def guidance(self) -> float:
+        """The text->image guidance scale the bundle recommends (``sampling.json``; 1 = off)."""
+        return float(self.sampling.get("guidance", 1.0))
+
+    @property
     def device(self) -> torch.device:
         return self.biart.device
 

@@ -357,6 +357,8 @@ def decode(
         raise ValueError(f"decode: prompt {P} + {n_new} new tokens exceed block_size {model.cfg.block_size}")
     device = model.device
     prompt, segments = prompt.to(device), segments.to(device)
+    if uncond is not None:
+        uncond = (uncond[0].to(device), uncond[1].to(device))
     part = part.to(device)
     out = torch.empty((B, candidates, n_new), dtype=torch.long, device=device)
     group = max(1, min(B, batch_size // candidates))
@@ -367,9 +369,9 @@ def decode(
     try:
         with _head_rows(model, *part.span) if (use_cache and restrict_head) else nullcontext():
             if use_cache and guided:  # the one unconditional prompt, prefilled once for all rows
-                upr, usg = uncond[0].to(device), uncond[1].to(device)  # type: ignore[index]
+                assert uncond is not None
                 ucache = model.new_cache(1, max_len=P + n_new - 1)
-                ufirst = _span(model(upr, usg, cache=ucache, start_pos=0, last_only=True)[:, -1], part)
+                ufirst = _span(model(*uncond, cache=ucache, start_pos=0, last_only=True)[:, -1], part)
             for b0 in range(0, B, group):
                 pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
                 nb = pr.shape[0]
@@ -393,9 +395,9 @@ def decode(
                     else:
                         p_, s_ = pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0)
                         if guided:
+                            assert uncond is not None
                             r = nb * n
-                            p_ = torch.cat([p_, uncond[0].to(device).expand(r, -1)])  # type: ignore[index]
-                            s_ = torch.cat([s_, uncond[1].to(device).expand(r, -1)])  # type: ignore[index]
+                            p_, s_ = torch.cat([p_, uncond[0].expand(r, -1)]), torch.cat([s_, uncond[1].expand(r, -1)])
                         rows = _decode_rows_uncached(model, p_, s_, n_new, part, params, generator, progress, guided)
                     out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
     finally:

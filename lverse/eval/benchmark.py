@@ -118,7 +118,7 @@ def run_benchmark(
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
     if t2i_guidance is None:
-        t2i_guidance = float(pipe.sampling.get("guidance", 1.0))
+        t2i_guidance = pipe.guidance
     report: dict[str, Any] = {"n": n, "heldout_items": sum(heldout), "candidates": candidates, "seed": seed,
                               "rerankers": list(rerankers), "t2i_guidance": t2i_guidance}
     t0 = time.time()

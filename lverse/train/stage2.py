@@ -42,11 +42,11 @@ class Stage2Config:
     auto_vocab: bool = True
     directions: str = "alternate"  # alternate | mixed | t2i | i2t
     ref_weight: float = 1.0        # weight of the REF-part NLL
+    gen_weight: float = 1.0        # weight of the GEN-part NLL
     # Probability that a text->image sample's caption is replaced by the empty caption (all PAD),
     # so the model also learns p(image) and sampling can use classifier-free guidance
     # (`sample.py --guidance`). Not in the paper: 0 there.
     text_dropout: float = 0.0
-    gen_weight: float = 1.0        # weight of the GEN-part NLL
     init_from: str = ""            # warm start from BiART weights (file or run dir)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
