@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lverse.eval.benchmark import CARD_BEGIN, CARD_END, markdown_table, target_results, update_model_card
+import pytest
+
+from lverse.eval.benchmark import CARD_BEGIN, CARD_END, _Tally, markdown_table, target_results, update_model_card
 
 
 def _section(none: float, clip: float, cycle: float) -> dict:
@@ -36,3 +38,29 @@ def test_update_model_card_rewrites_only_its_section(tmp_path: Path) -> None:
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
     assert not update_model_card(plain, "x") and plain.read_text() == "no markers\n"
+
+
+def test_tally_splits_hits_by_object_count() -> None:
+    tally = _Tally(heldout=[False, True, False, False], objects=[1, 2, 2, 1])
+    for i, ok in enumerate([True, False, True, True]):
+        tally.add("clip", i, ok)
+    tally.oracle = [True, True, True, True]
+    s = tally.summary()
+    assert s["clip"]["exact"] == 0.75 and s["clip"]["exact_heldout"] == 0.0
+    assert s["clip"]["exact_by_objects"] == {"1": 1.0, "2": 0.5}
+    assert s["oracle_by_objects"] == {"1": 1.0, "2": 1.0}
+    with pytest.raises(ValueError, match="object counts"):
+        _Tally(heldout=[False], objects=[1, 2])
+
+
+def test_table_shows_the_object_count_split_only_when_reported() -> None:
+    report = _report(0.99, (0.5, 0.95, 0.7), (0.4, 0.6, 0.75))
+    assert "By the number of objects" not in markdown_table(report)  # reports from before the split
+    for name in ("none", "clip", "cycle"):
+        report["text_to_image"][name]["exact_by_objects"] = {"1": 0.9, "2": 0.125}
+    report["text_to_image"]["oracle_by_objects"] = {"1": 1.0, "2": 0.5}
+    table = markdown_table(report)
+    assert "| task | reranker | one object | two objects |" in table
+    assert "| text→image | clip | 90.0% | 12.5% |" in table
+    assert "| text→image | any candidate (oracle) | 100.0% | 50.0% |" in table
+    assert "| image→text | clip | – | – |" in table  # a direction without the split shows dashes

@@ -55,10 +55,13 @@ def _auc(scores: torch.Tensor, correct: torch.Tensor) -> tuple[float, int]:
 
 
 class _Tally:
-    """Accuracy per reranker, split into seen / held-out items."""
+    """Accuracy per reranker, split into seen / held-out items and by the scene's object count."""
 
-    def __init__(self, heldout: Sequence[bool]) -> None:
+    def __init__(self, heldout: Sequence[bool], objects: Sequence[int]) -> None:
+        if len(heldout) != len(objects):
+            raise ValueError(f"_Tally: {len(heldout)} held-out flags but {len(objects)} object counts")
         self.heldout = list(heldout)
+        self.objects = list(objects)
         self.hits: dict[str, list[bool]] = {}
         self.oracle: list[bool] = []
         self.auc: dict[str, list[float]] = {}
@@ -71,6 +74,13 @@ class _Tally:
         w[0] += wins
         w[1] += pairs
 
+    def by_objects(self, hits: Sequence[bool]) -> dict[str, float]:
+        """Share of hits per object count (keys "1", "2", ...): where a generator fails."""
+        groups: dict[str, list[bool]] = {}
+        for h, k in zip(hits, self.objects):
+            groups.setdefault(str(k), []).append(h)
+        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, hits in self.hits.items():
@@ -80,9 +90,11 @@ class _Tally:
                 "exact": sum(hits) / len(hits),
                 "exact_seen": sum(seen) / max(1, len(seen)),
                 "exact_heldout": sum(held) / max(1, len(held)) if held else None,
+                "exact_by_objects": self.by_objects(hits),
             }
         if self.oracle:
             out["oracle_any_correct"] = sum(self.oracle) / len(self.oracle)
+            out["oracle_by_objects"] = self.by_objects(self.oracle)
         for name, (wins, pairs) in self.auc.items():
             out[f"pairwise_auc_{name}"] = wins / pairs if pairs else None
         return out
@@ -114,6 +126,7 @@ def run_benchmark(
     images = torch.stack([it["image"] for it in items])
     truths = [it["scene"] for it in items]
     heldout = [bool(it["heldout"]) for it in items]
+    objects = [len(it["scene"]["objects"]) for it in items]
     captions = [it["caption"] for it in items]
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
@@ -128,7 +141,7 @@ def run_benchmark(
     recon = pipe.decode_images(codes, batch_size=64).cpu()
     rec_ok = [match(s, t) for s, t in zip(read_images(recon), truths)]
     gt_ok = [match(s, t) for s, t in zip(read_images(images), truths)]
-    tally = _Tally(heldout)
+    tally = _Tally(heldout, objects)
     for i, ok in enumerate(rec_ok):
         tally.add("reconstruction", i, ok)
     report["judge_on_ground_truth"] = sum(gt_ok) / n
@@ -141,7 +154,7 @@ def run_benchmark(
     caps = generate_captions(pipe.biart, codes, candidates, max_tok, eot_id=pipe.tokenizer.eot_id,
                              temperature=i2t_temperature, top_p=i2t_top_p, seed=seed, batch_size=batch_size)
     texts: list[list[str]] = pipe.captions_to_text(caps)
-    tally = _Tally(heldout)
+    tally = _Tally(heldout, objects)
     for i in range(n):
         ok = torch.tensor([match(try_parse_caption(t), truths[i]) for t in texts[i]])
         tally.oracle.append(bool(ok.any()))
@@ -170,7 +183,7 @@ def run_benchmark(
     text_ids, _ = pipe.encode_prompts(captions, warn=False)
     gen = generate_images(pipe.biart, text_ids, candidates, temperature=t2i_temperature, top_k=t2i_top_k,
                           guidance=t2i_guidance, seed=seed + 1, batch_size=batch_size)  # (n, C, image_len)
-    tally = _Tally(heldout)
+    tally = _Tally(heldout, objects)
     for i in range(n):
         imgs = pipe.decode_images(gen[i], batch_size=64)
         ok = torch.tensor([match(s, truths[i]) for s in read_images(imgs.cpu())])
@@ -227,12 +240,34 @@ def markdown_table(report: dict[str, Any]) -> str:
     for key, title in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
         sec = report[key]
         lines.append(f"| {title} | {_pct(sec.get('oracle_any_correct'))} | {_pct(sec.get('pairwise_auc_cycle'))} | {_pct(sec.get('pairwise_auc_clip'))} |")
+    lines += _by_objects_table(report)
     lines += ["", f"The judge scores the ground-truth images at {_pct(report['judge_on_ground_truth'])} exact.",
               "", "Targets:", "", "| target | measured | |", "|---|---|---|"]
     for name, measured, bar, met in target_results(report):
         gap = "met" if met else ("missed" if bar is None else f"missed by {100 * (bar - measured):.1f} points")
         lines.append(f"| {name} | {_pct(measured) if measured is not None else '–'} | {gap} |")
     return "\n".join(lines) + "\n"
+
+
+def _by_objects_table(report: dict[str, Any]) -> list[str]:
+    """Exact accuracy per object count of the scene, per (direction, reranker) and for the
+    oracle; empty for reports written before the split existed."""
+    counts = sorted({k for key in ("image_to_text", "text_to_image") for s in report[key].values()
+                     if isinstance(s, dict) for k in s.get("exact_by_objects", {})}, key=int)
+    if not counts:
+        return []
+    names = {"1": "one object", "2": "two objects", "3": "three objects"}
+    lines = ["", "By the number of objects in the scene (exact):", "",
+             "| task | reranker | " + " | ".join(names.get(k, f"{k} objects") for k in counts) + " |",
+             "|---|---|" + "---|" * len(counts)]
+    for key, title in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+        sec = report[key]
+        rows = [(r, sec[r].get("exact_by_objects", {})) for r in report["rerankers"] if r in sec]
+        rows.append(("any candidate (oracle)", sec.get("oracle_by_objects", {})))
+        for name, by in rows:
+            label = "none (random candidate)" if name == "none" else name
+            lines.append(f"| {title} | {label} | " + " | ".join(_pct(by.get(k)) for k in counts) + " |")
+    return lines
 
 
 def target_results(report: dict[str, Any]) -> list[tuple[str, float | None, float | None, bool]]:
