@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lverse.data.shapes import Scene, ShapeObject  # noqa: E402
-from lverse.eval.shapes import read_images  # noqa: E402
-from lverse.pipeline import LVersePipeline  # noqa: E402
-from lverse.sampling import generate_images  # noqa: E402
+from lverse.data.shapes import Scene, ShapeObject, ShapesDataset
+from lverse.eval.shapes import read_images
+from lverse.pipeline import LVersePipeline
+from lverse.sampling import generate_images
 
 ATTRS = ("colour", "shape", "size")
 OUTCOMES = ("own", "other object's", "in neither")
@@ -44,8 +38,6 @@ def main() -> None:
     args = ap.parse_args()
 
     pipe = LVersePipeline.load(args.checkpoint, device=args.device)
-    from lverse.data.shapes import ShapesDataset
-
     ds = ShapesDataset("test", size=args.n, seed=0, resolution=pipe.resolution)
     items = [ds[(i, 0)] for i in range(args.n)]
     items = [it for it in items if len(it["scene"]["objects"]) == 2]
@@ -85,5 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

@@ -79,7 +79,7 @@ class _Tally:
         groups: dict[str, list[bool]] = {}
         for h, k in zip(hits, self.objects):
             groups.setdefault(str(k), []).append(h)
-        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+        return {k: sum(v) / len(v) for k, v in sorted(groups.items(), key=lambda kv: int(kv[0]))}
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
