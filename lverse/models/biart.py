@@ -54,12 +54,6 @@ class BiARTConfig:
     attn_pdrop: float = 0.1
     tie_head: bool = False  # paper: untied output head (~522M parameters)
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
-    # Not in the paper (false there): in text->image sequences the given caption (the REF part)
-    # attends to itself in both directions, as in a prefix LM, so a noun phrase sees the
-    # relation word after it. Image->text sequences stay fully causal. The caption's REF
-    # tokens then see their successors, so they leave the loss; the image REF part of
-    # image->text sequences is still trained.
-    bidirectional_caption: bool = False
 
     @property
     def vocab(self) -> VocabLayout:
@@ -127,10 +121,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         start_pos: int = 0,
-        ref_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``ref_mask`` (bool, broadcastable to ``(B, 1, T, keys)``): replaces the causal
-        mask (see :meth:`BiART.attention_mask`)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -155,8 +146,6 @@ class CausalSelfAttention(nn.Module):
                 qpos = torch.arange(start_pos, end, device=x.device)[:, None]
                 mask = qpos >= torch.arange(end, device=x.device)[None, :]
                 is_causal = False
-        if ref_mask is not None:
-            mask, is_causal = ref_mask, False
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -192,13 +181,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,
-        start_pos: int,
-        ref_mask: torch.Tensor | None = None,
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, start_pos: int
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), kv, start_pos, ref_mask)
+        x = x + self.attn(self.ln1(x), kv, start_pos)
         return x + self.mlp(self.ln2(x))
 
 
@@ -358,33 +343,11 @@ class BiART(nn.Module):
         # Cast to the compute dtype: under O2 everything is fp16 already, but soft tokens or an
         # embedding kept in another precision must not change the residual stream's dtype.
         x = self.drop((tok + pos + self.seg_emb(segments)).to(self.dtype))
-        ref_mask = self.attention_mask(idx, segments, start_pos) if self.cfg.bidirectional_caption else None
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layer(i) if cache is not None else None, start_pos, ref_mask)
+            x = block(x, cache.layer(i) if cache is not None else None, start_pos)
         if last_only:
             x = x[:, -1:]
         return self.head(self.ln_f(x))
-
-    def attention_mask(self, idx: torch.Tensor, segments: torch.Tensor, start_pos: int = 0) -> torch.Tensor | None:
-        """With ``bidirectional_caption``: the mask ``(B, 1, T, T)`` (True = may attend).
-
-        Causal, except that in a text->image row (one that starts with [SOC]) two REF tokens
-        always see each other. Decoding stays exact with a cache as long as the whole REF part
-        arrives in the first chunk (the prompt prefill): a REF token fed later could not be
-        seen by the REF tokens already cached, so that is an error. Later chunks hold GEN
-        tokens only and need nothing beyond causality: None.
-        """
-        T = segments.shape[1]
-        if start_pos > 0:
-            if bool((segments == REF).any()):
-                raise ValueError(
-                    "BiART.forward: with bidirectional_caption the whole REF part must be in the "
-                    f"first chunk (start_pos 0); got REF tokens at start_pos {start_pos}"
-                )
-            return None
-        ref = (segments == REF) & caption_rows(idx, self.vocab)[:, None]
-        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-        return (causal | (ref[:, :, None] & ref[:, None, :]))[:, None]
 
     # --- loss -----------------------------------------------------------------------------
     def loss(
@@ -394,15 +357,8 @@ class BiART(nn.Module):
         ref_weight: float = 1.0,
         gen_weight: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Next-token NLL of both parts of full sequences; see :func:`sequence_nll`.
-
-        With ``bidirectional_caption`` a given caption's targets are left out: each of its
-        tokens sees the next one.
-        """
-        return sequence_nll(
-            self(idx, segments), idx, segments, self.vocab, ref_weight, gen_weight,
-            bidirectional_caption=self.cfg.bidirectional_caption,
-        )
+        """Next-token NLL of both parts of full sequences; see :func:`sequence_nll`."""
+        return sequence_nll(self(idx, segments), idx, segments, self.vocab, ref_weight, gen_weight)
 
     # --- sequences ------------------------------------------------------------------------
     def build_prompt(self, cond: torch.Tensor, direction: Direction) -> tuple[torch.Tensor, torch.Tensor]:
@@ -584,15 +540,6 @@ def _check_image(cfg: BiARTConfig, codes: torch.Tensor) -> torch.Tensor:
     return cfg.vocab.image_to_global(codes.long())
 
 
-def caption_rows(idx: torch.Tensor, vocab: VocabLayout) -> torch.Tensor:
-    """``(B,)`` bool: the rows that are text->image sequences (their first token is [SOC]).
-
-    ``idx`` may be token ids ``(B, T)`` or soft tokens ``(B, T, V)`` (then the most likely id).
-    """
-    first = idx[:, 0].argmax(-1) if idx.is_floating_point() else idx[:, 0]
-    return first == vocab.soc
-
-
 def sequence_nll(
     logits: torch.Tensor,
     idx: torch.Tensor,
@@ -600,7 +547,6 @@ def sequence_nll(
     vocab: VocabLayout,
     ref_weight: float = 1.0,
     gen_weight: float = 1.0,
-    bidirectional_caption: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token NLL over both parts of a sequence.
 
@@ -609,8 +555,7 @@ def sequence_nll(
     and the separators [SOC]/[SOI] (always at the same place, so trivially predictable) are
     left out. ``loss = ref_weight * mean NLL(REF) + gen_weight * mean NLL(GEN)``: the paper's
     two NLL losses, each a mean so the short caption is not drowned by 1024 image tokens.
-    Cross-entropy runs in fp32 whatever the logits' dtype. ``bidirectional_caption`` leaves
-    out the REF targets of text->image rows (such a model reads the given caption both ways).
+    Cross-entropy runs in fp32 whatever the logits' dtype.
 
     The dict (detached tensors) holds ``nll_text``, ``nll_image`` (by the kind of the target
     token, whichever part it is in), ``nll_ref``, ``nll_gen`` and the token counts
@@ -621,8 +566,6 @@ def sequence_nll(
     is_img = vocab.is_image(targets)
     is_txt = vocab.is_text(targets)
     valid = is_img | is_txt
-    if bidirectional_caption:
-        valid = valid & ~((tseg == REF) & caption_rows(idx, vocab)[:, None])
     # ignore_index rather than multiplying by a mask: excluded positions then contribute an
     # exact 0 even if their logits are inf/nan.
     nll = F.cross_entropy(
@@ -638,8 +581,8 @@ def sequence_nll(
 
     nll_ref, n_ref = mean(valid & (tseg == REF))
     nll_gen, n_gen = mean(valid & (tseg == GEN))
-    nll_text, n_text = mean(valid & is_txt)
-    nll_image, n_image = mean(valid & is_img)
+    nll_text, n_text = mean(is_txt)
+    nll_image, n_image = mean(is_img)
     loss = ref_weight * nll_ref + gen_weight * nll_gen
     stats = {
         "nll_text": nll_text,

@@ -140,21 +140,20 @@ class Stage2Task(Task):
 
         with autocast():
             logits = model(idx, seg)
-        bidi = self.model.cfg.bidirectional_caption
-        loss, stats = sequence_nll(logits, idx, seg, self.vocab, self.cfg.ref_weight, self.cfg.gen_weight, bidi)
+        loss, stats = sequence_nll(logits, idx, seg, self.vocab, self.cfg.ref_weight, self.cfg.gen_weight)
         logs = {"loss": loss.detach().item()}
         if len(parts) == 1:
-            parts_stats = [(parts[0][0], stats)]
+            d = parts[0][0]
+            logs[f"{d}/nll_text"] = float(stats["nll_text"])
+            logs[f"{d}/nll_image"] = float(stats["nll_image"])
         else:
-            parts_stats, off = [], 0
+            off = 0
             for d, (pi, ps) in parts:
                 n = pi.shape[0]
-                parts_stats.append((d, sequence_nll(logits[off : off + n].detach(), pi, ps, self.vocab, bidirectional_caption=bidi)[1]))
+                _, st = sequence_nll(logits[off : off + n].detach(), pi, ps, self.vocab)
+                logs[f"{d}/nll_text"] = float(st["nll_text"])
+                logs[f"{d}/nll_image"] = float(st["nll_image"])
                 off += n
-        for d, st in parts_stats:
-            for kind in ("text", "image"):
-                if int(st[f"n_{kind}"]) > 0:  # a bidirectional caption has no targets to log
-                    logs[f"{d}/nll_{kind}"] = float(st[f"nll_{kind}"])
         return loss, logs
 
     def drop_captions(self, text: torch.Tensor, step: int, n_t2i: int) -> torch.Tensor:
