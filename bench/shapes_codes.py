@@ -1,0 +1,139 @@
+"""Are the Shapes AugVAE's codes local? What one code says about its own 8×8-pixel cell, and how
+much of an object the decoder reads from the codes of the empty cells around it.
+
+1. On ``--train`` training images, every cell that an object covers for at least a quarter of its
+   pixels is labelled with that object's colour (nearest palette colour). If each code drew its own
+   cell, the code would give the colour away: H(colour | code) near 0. A code that says nothing
+   leaves H(colour) of the cells (about 1.79 nats for six colours).
+2. On ``--n`` test images, the codes of the *empty* cells (no object pixel) are replaced, and the
+   result decoded and read by the judge: by the codes of the same cells in another test scene
+   where they are empty too, or by the most common empty-cell code. With local codes the objects
+   would not change.
+
+    python bench/shapes_codes.py --checkpoint checkpoints/shapes
+    python bench/shapes_codes.py --augvae runs/shapes_augvae_ml   # part 1 for every level of any AugVAE
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+
+import torch
+
+from lverse.data.shapes import COLOURS, ShapesDataset
+from lverse.eval.shapes import judge_scenes, read_images
+from lverse.models.augvae import AugVAE
+from lverse.pipeline import LVersePipeline
+from lverse.train.stage1 import resolve_weights
+
+PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
+
+
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    return (images + 1) / 2 if images.min() < 0 else images
+
+
+def cell_colours(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(N, grid*grid)``: the palette index most of a cell's object pixels have, or -1 where
+    objects cover less than a quarter of the cell. Object pixel: darker than 0.8 in some channel."""
+    x = unit_range(images).clamp(0, 1).permute(0, 2, 3, 1)  # N, H, W, 3
+    label = ((x[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)  # N, H, W
+    obj = x.min(-1).values < 0.8
+    onehot = torch.nn.functional.one_hot(label, len(PALETTE)) * obj[..., None]
+    N, H, W, K = onehot.shape
+    c = H // grid
+    counts = onehot.reshape(N, grid, c, grid, c, K).sum((2, 4)).reshape(N, grid * grid, K)
+    best = counts.argmax(-1)
+    return torch.where(counts.sum(-1) >= c * c // 4, best, torch.full_like(best, -1))
+
+
+def empty_cells(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(N, grid*grid)`` bool: cells without a single object pixel."""
+    x = unit_range(images).clamp(0, 1)
+    N, _, H, _ = x.shape
+    c = H // grid
+    obj = (x.min(1).values < 0.8).reshape(N, grid, c, grid, c).any(4).any(2)
+    return ~obj.reshape(N, grid * grid)
+
+
+def colour_given_code(codes: torch.Tensor, colours: torch.Tensor) -> dict[str, float]:
+    """H(colour | code), H(colour) and the accuracy of naming each code's most common colour."""
+    keep = colours >= 0
+    table: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for code, col in zip(codes[keep].tolist(), colours[keep].tolist()):
+        table[code][col] += 1
+    n = int(keep.sum())
+    h_cond = -sum(k * math.log(k / sum(c.values())) for c in table.values() for k in c.values()) / n
+    marginal = collections.Counter(colours[keep].tolist())
+    h = -sum(k / n * math.log(k / n) for k in marginal.values())
+    majority = sum(max(c.values()) for c in table.values()) / n
+    return {"cells": n, "codes": len(table), "H_colour": h, "H_colour_given_code": h_cond, "majority": majority}
+
+
+def levels(path: str, images: torch.Tensor) -> None:
+    """Part 1 for every level of an AugVAE (ML: finest first) whose grid is at least 4x4."""
+    model = AugVAE.load(resolve_weights(path)).eval()
+    codes = torch.cat([model.encode(images[i : i + 200]) for i in range(0, len(images), 200)])
+    print(f"{path}: object cells of {len(images)} training images, per level")
+    print("| level | codes used | H(colour) | H(colour given code) | most common colour right |")
+    print("|---|---|---|---|---|")
+    start = 0
+    for h, w in model.token_grids:
+        c, start = codes[:, start : start + h * w], start + h * w
+        if h >= 4:
+            s = colour_given_code(c, cell_colours(images, h))
+            print(f"| {h}x{w} | {s['codes']} | {s['H_colour']:.3f} | {s['H_colour_given_code']:.3f} | {100 * s['majority']:.1f}% |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="checkpoints/shapes")
+    ap.add_argument("--train", type=int, default=2000, help="training images for part 1")
+    ap.add_argument("--n", type=int, default=300, help="test images for part 2")
+    ap.add_argument("--augvae", help="an AugVAE (weights file or run dir): part 1 only, for each of its levels")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ds = ShapesDataset("train", size=args.train, seed=0, resolution=64)
+    images = torch.stack([ds[(i, 0)]["image"] for i in range(args.train)])
+    if args.augvae:
+        levels(args.augvae, images)
+        return
+    pipe = LVersePipeline.load(args.checkpoint)
+
+    codes = pipe.encode_images(images, batch_size=128)
+    grid = math.isqrt(codes.shape[1])
+    s = colour_given_code(codes, cell_colours(images, grid))
+    print(f"1. {s['cells']} object cells of {args.train} training images ({grid}x{grid} codes), {s['codes']} codes:")
+    print(f"   H(colour) = {s['H_colour']:.3f} nats, H(colour | code) = {s['H_colour_given_code']:.3f} nats; "
+          f"naming each code's most common colour is right for {100 * s['majority']:.1f}% of the cells\n")
+
+    test = ShapesDataset("test", size=args.n, seed=0, resolution=64)
+    items = [test[(i, 0)] for i in range(args.n)]
+    print("2. test images decoded after replacing the codes of their empty cells (judge, exact / colour / shape):\n")
+    print("| scenes | empty cells | own codes | empty cells from another scene | most common empty-cell code |")
+    print("|---|---|---|---|---|")
+    for k in sorted({len(it["scene"]["objects"]) for it in items}):
+        sel = [it for it in items if len(it["scene"]["objects"]) == k]
+        imgs = torch.stack([it["image"] for it in sel])
+        c = pipe.encode_images(imgs, batch_size=128)
+        empty = empty_cells(imgs, grid)
+        truths = [it["scene"] for it in sel]
+
+        def judged(cs: torch.Tensor) -> str:
+            r = judge_scenes(read_images(pipe.decode_images(cs, batch_size=64).cpu()), truths)
+            return " / ".join(f"{100 * r[a]:.1f}%" for a in ("exact", "colour", "shape"))
+
+        other = torch.roll(torch.arange(len(sel)), 1)
+        both = empty & empty[other]
+        swapped = c.clone()
+        swapped[both] = c[other][both]
+        common = int(torch.mode(c[empty]).values)
+        flat = c.masked_fill(empty, common)
+        print(f"| {k} object{'s' if k > 1 else ''} ({len(sel)}) | {empty.float().sum(1).mean():.1f} of {grid * grid} | "
+              f"{judged(c)} | {judged(swapped)} | {judged(flat)} |")
+
+
+if __name__ == "__main__":
+    main()
