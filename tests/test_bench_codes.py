@@ -42,3 +42,11 @@ def test_colour_given_code_entropies() -> None:
     assert telling["H_colour_given_code"] == pytest.approx(0.0) and telling["majority"] == 1.0
     silent = codes_bench.colour_given_code(torch.tensor([[3, 3, 3, 3, 3]]), colours)
     assert silent["H_colour_given_code"] == pytest.approx(math.log(2)) and silent["majority"] == 0.5
+
+
+def test_probe_finds_colour_only_where_it_is() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (600,), generator=g)
+    telling = torch.nn.functional.one_hot(labels, 6).float() + 0.1 * torch.randn(600, 6, generator=g)
+    assert codes_bench.probe_accuracy(telling, labels) > 0.95
+    assert codes_bench.probe_accuracy(torch.randn(600, 6, generator=g), labels) < 0.4
