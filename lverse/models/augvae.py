@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -353,10 +353,14 @@ class AugVAE(nn.Module):
             h = decoder(connector(h))
         return h
 
-    def forward(self, x: Tensor) -> AugVAEOutput:
+    def forward(self, x: Tensor, edit_quants: Callable[[Tensor, list[Tensor]], list[Tensor]] | None = None) -> AugVAEOutput:
+        """``edit_quants(x, quants)``, if given, may alter the quantized maps before decoding
+        (a training augmentation such as :func:`lverse.train.stage1.swap_flat_cells`)."""
         latents = self.encode_latents(x)
         results = self.quantizer.quantize_levels(latents)
         quants = [r[0] for r in results]
+        if edit_quants is not None:
+            quants = edit_quants(x, quants)
         commit = torch.stack([r[1] for r in results]).sum()
         recon = self.decode_quantized(quants)
         return AugVAEOutput(recon=recon, commit_loss=commit, indices=[r[2] for r in results])
