@@ -126,6 +126,26 @@ def test_dead_code_restart() -> None:
     assert on.stats()["restarted_codes"] == 1
 
 
+def test_error_weighted_restart_lands_where_quantization_is_worst() -> None:
+    # 2 live codes at the origin and (10, 0), code 2 dead. 60 vectors sit exactly on code 0 and
+    # two far away at (0, -50): a uniform restart almost surely copies the origin again, an
+    # error-weighted one can only pick a far vector (the others have zero error).
+    z = torch.zeros(1, 2, 1, 62)
+    z[0, 1, 0, 60:] = -50.0
+    far = torch.tensor([0.0, -50.0])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        q = _small_quantizer(dead_code_threshold=0.75, restart_from="error").train()
+        q(z)
+        assert torch.equal(q.embedding[2], far)
+    torch.manual_seed(0)
+    uniform = _small_quantizer(dead_code_threshold=0.75).train()
+    uniform(z)
+    assert not torch.equal(uniform.embedding[2], far)
+    with pytest.raises(ValueError, match="restart_from"):
+        EMAVectorQuantizer(4, 2, restart_from="nearest")
+
+
 def test_stats() -> None:
     q = _small_quantizer().eval()
     q(Z)  # codes [0, 1, 1, 0]

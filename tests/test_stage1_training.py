@@ -202,6 +202,24 @@ def test_flat_swap_trains_an_sl_and_is_sl_only(tmp_path: Path) -> None:
         Stage1Task(cfg)
 
 
+def test_init_from_takes_the_codebook_training_settings_of_the_run(tmp_path: Path) -> None:
+    # The architecture comes from the checkpoint; restarts and EMA are the new run's settings
+    # (they used to be silently those of the run that wrote the checkpoint).
+    ml_dir = tmp_path / "ml"
+    fit(tiny_cfg(ml_dir, max_steps=2))
+    cfg = tiny_cfg(tmp_path / "sl", max_steps=2)
+    cfg.model.variant, cfg.init_from = "sl", str(ml_dir)
+    cfg.model.dead_code_threshold, cfg.model.dead_code_restart, cfg.model.ema_decay = 0.5, "error", 0.9
+    q = Stage1Task(cfg).model.quantizer
+    assert (q.dead_code_threshold, q.restart_from, q.decay) == (0.5, "error", 0.9)
+    _, res = fit(cfg)
+    saved = AugVAE.load(resolve_weights(tmp_path / "sl"))
+    assert (saved.cfg.dead_code_restart, saved.quantizer.restart_from) == ("error", "error")
+    cfg.model.dead_code_restart = "nearest"
+    with pytest.raises(ConfigError, match="dead_code_restart"):
+        Stage1Task(cfg)
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     root.mkdir()

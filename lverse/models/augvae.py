@@ -52,6 +52,9 @@ class AugVAEConfig:
     ema_eps: float = 1e-5
     dropout: float = 0.0
     dead_code_threshold: float = 0.0
+    # Ours (restarts are off in the paper): where a restarted code is placed, "random" or "error"
+    # (see EMAVectorQuantizer's restart_from).
+    dead_code_restart: str = "random"
 
 
 # The chained encoders E(2,.) and decoders G(2,.) always use these multipliers of hidden_dim.
@@ -261,6 +264,7 @@ class AugVAE(nn.Module):
         self.quantizer = EMAVectorQuantizer(
             cfg.codebook_size, cfg.codebook_dim, decay=cfg.ema_decay, eps=cfg.ema_eps,
             beta=cfg.beta, dead_code_threshold=cfg.dead_code_threshold,
+            restart_from=cfg.dead_code_restart,
         )
         self.post_quant = SharedConv1x1(cfg.codebook_dim, z, n_q)
         decoders: list[Decoder] = []

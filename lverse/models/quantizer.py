@@ -59,6 +59,11 @@ class EMAVectorQuantizer(nn.Module):
             ``max(1, 2 * dead_code_threshold)`` so it has about ``ln 2 / (1 - decay)`` steps to
             attract vectors before it can be declared dead again. ``0`` (default) turns restarts
             off, which is the official behaviour.
+        restart_from: how a restarted code's vector is drawn from the step's encoder outputs.
+            ``"random"`` (default): uniformly. ``"error"``: with probability proportional to each
+            output's squared distance to its nearest code (k-means++ seeding), so restarts land
+            where the codebook quantizes worst. Ours: when most outputs sit on one code (a plain
+            background), uniform restarts copy that code again and die again.
         sync_distributed: all-reduce the EMA statistics (and usage counts in :meth:`stats`) when
             ``torch.distributed`` is initialised. Leave on; ``False`` exists to show what goes
             wrong without it.
@@ -88,6 +93,7 @@ class EMAVectorQuantizer(nn.Module):
         eps: float = 1e-5,
         beta: float = 0.25,
         dead_code_threshold: float = 0.0,
+        restart_from: str = "random",
         sync_distributed: bool = True,
     ) -> None:
         super().__init__()
@@ -97,12 +103,15 @@ class EMAVectorQuantizer(nn.Module):
             raise ValueError(f"EMAVectorQuantizer: decay={decay} must be in [0, 1)")
         if dead_code_threshold < 0:
             raise ValueError(f"EMAVectorQuantizer: dead_code_threshold={dead_code_threshold} must be >= 0")
+        if restart_from not in ("random", "error"):
+            raise ValueError(f"EMAVectorQuantizer: restart_from must be 'random' or 'error', got {restart_from!r}")
         self.num_codes = num_codes
         self.dim = dim
         self.decay = decay
         self.eps = eps
         self.beta = beta
         self.dead_code_threshold = dead_code_threshold
+        self.restart_from = restart_from
         self.sync_distributed = sync_distributed
         self.update = True
         self.restarted_codes = 0  # codes restarted since the last stats(reset=True)
@@ -116,7 +125,8 @@ class EMAVectorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_codes={self.num_codes}, dim={self.dim}, decay={self.decay}, eps={self.eps}, "
-            f"beta={self.beta}, dead_code_threshold={self.dead_code_threshold}"
+            f"beta={self.beta}, dead_code_threshold={self.dead_code_threshold}, "
+            f"restart_from={self.restart_from!r}"
         )
 
     # ----------------------------------------------------------------------------------------
@@ -233,7 +243,17 @@ class EMAVectorQuantizer(nn.Module):
         if k == 0:
             return
         if not sync or dist.get_rank() == 0:
-            pick = flat[torch.randint(flat.shape[0], (k,), device=flat.device)].contiguous()
+            if self.restart_from == "error":
+                # squared distance of each output to its nearest live code; dead codes would
+                # claim outputs they are about to lose, so they are left out of the search
+                live = self.embedding[~dead]
+                err = torch.cdist(flat, live).min(1).values.pow(2) if live.shape[0] else torch.ones(flat.shape[0], device=flat.device)
+                total = err.sum()
+                rows = (torch.multinomial(err / total, k, replacement=True) if total > 0
+                        else torch.randint(flat.shape[0], (k,), device=flat.device))
+            else:
+                rows = torch.randint(flat.shape[0], (k,), device=flat.device)
+            pick = flat[rows].contiguous()
         else:
             pick = torch.empty(k, self.dim, dtype=torch.float32, device=flat.device)
         if sync:

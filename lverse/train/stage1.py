@@ -5,7 +5,7 @@ commitment term; the codebook itself moves by EMA, not by gradients).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,10 +123,22 @@ def build_stage1_model(cfg: Stage1Config) -> AugVAE:
         return AugVAE(cfg.model)
     src = AugVAE.load(resolve_weights(cfg.init_from))
     if cfg.model.variant == "sl" and src.cfg.variant == "ml":
-        return ml_to_sl(src)
-    if src.cfg.variant != cfg.model.variant:
+        model = ml_to_sl(src)
+    elif src.cfg.variant != cfg.model.variant:
         raise ConfigError(f"init_from {cfg.init_from} is an AugVAE-{src.cfg.variant.upper()}, cannot start AugVAE-{cfg.model.variant.upper()} from it")
-    return src
+    else:
+        model = src
+    # The architecture comes from the checkpoint, but how the codebook trains is this run's
+    # choice: without this, model.dead_code_threshold etc. of the run's config were ignored.
+    q = model.quantizer
+    m = cfg.model
+    if m.dead_code_restart not in ("random", "error"):
+        raise ConfigError(f"model.dead_code_restart must be 'random' or 'error', got {m.dead_code_restart!r}")
+    model.cfg = replace(model.cfg, beta=m.beta, ema_decay=m.ema_decay, ema_eps=m.ema_eps,
+                        dead_code_threshold=m.dead_code_threshold, dead_code_restart=m.dead_code_restart)
+    q.beta, q.decay, q.eps = m.beta, m.ema_decay, m.ema_eps
+    q.dead_code_threshold, q.restart_from = m.dead_code_threshold, m.dead_code_restart
+    return model
 
 
 def _image_dataset(cfg: ImageDataConfig, train: bool, path: str = "") -> Any:
