@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lverse.config import from_dict
+from lverse.config import ConfigError, from_dict
 from lverse.data.tokens import TokenDataset, read_meta
 from lverse.encode import build_corpus, encode_corpus
 from lverse.models.augvae import AugVAE, AugVAEConfig
@@ -75,6 +75,20 @@ def test_tiny_biart_lowers_both_directions(shapes_tokens: tuple[Path, Path], tmp
 def test_direction_alternates_identically(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
     task = Stage2Task(cfg_for(*shapes_tokens, tmp_path / "x"))
     assert [task.direction(s) for s in range(4)] == ["t2i", "i2t", "t2i", "i2t"]
+
+
+def test_t2i_share_spreads_the_directions_evenly(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg = cfg_for(*shapes_tokens, tmp_path / "x")
+    cfg.t2i_share = 0.75
+    task = Stage2Task(cfg)
+    dirs = [task.direction(s) for s in range(400)]
+    assert dirs[:8] == ["t2i", "t2i", "t2i", "i2t"] * 2 and dirs.count("t2i") == 300
+    cfg.t2i_share = 1 / 3
+    dirs = [Stage2Task(cfg).direction(s) for s in range(300)]
+    assert dirs.count("t2i") == 100 and "t2i, t2i" not in ", ".join(dirs)
+    cfg.t2i_share = 1.0
+    with pytest.raises(ConfigError, match="t2i_share"):
+        Stage2Task(cfg)
 
 
 def test_text_dropout_empties_only_text_to_image_captions(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:

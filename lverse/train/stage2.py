@@ -8,6 +8,7 @@ every batch (half each).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,9 @@ class Stage2Config:
     # the token data (the resolved config in the run directory shows the values used)
     auto_vocab: bool = True
     directions: str = "alternate"  # alternate | mixed | t2i | i2t
+    # With directions=alternate: the share of steps that are text->image (the paper: 0.5, strict
+    # alternation). Ours: the steps stay evenly spread, e.g. 0.75 gives t2i, t2i, t2i, i2t, ...
+    t2i_share: float = 0.5
     ref_weight: float = 1.0        # weight of the REF-part NLL
     gen_weight: float = 1.0        # weight of the GEN-part NLL
     # Probability that a text->image sample's caption is replaced by the empty caption (all PAD),
@@ -86,6 +90,8 @@ class Stage2Task(Task):
     def __init__(self, cfg: Stage2Config) -> None:
         if cfg.directions not in DIRECTIONS:
             raise ConfigError(f"directions={cfg.directions!r} is not one of {DIRECTIONS}")
+        if not 0.0 < cfg.t2i_share < 1.0:
+            raise ConfigError(f"t2i_share={cfg.t2i_share} must be in (0, 1) (directions=t2i or i2t train one direction)")
         if not 0.0 <= cfg.text_dropout < 1.0:
             raise ConfigError(f"text_dropout={cfg.text_dropout} must be in [0, 1)")
         self.cfg = cfg
@@ -118,7 +124,10 @@ class Stage2Task(Task):
 
     def direction(self, step: int) -> str:
         if self.cfg.directions == "alternate":
-            return "t2i" if step % 2 == 0 else "i2t"
+            # step s is text->image when the running count ceil(s * share) steps up at s, so
+            # share 0.5 gives the paper's t2i, i2t, t2i, ... from step 0
+            s = self.cfg.t2i_share
+            return "t2i" if math.ceil((step + 1) * s) > math.ceil(step * s) else "i2t"
         return self.cfg.directions
 
     def training_step(self, model: nn.Module, batch: dict[str, Any], step: int, autocast: Callable) -> tuple[torch.Tensor, dict[str, float]]:
