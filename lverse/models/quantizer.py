@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+RESTART_FROM = ("random", "error")  # how dead codes are re-initialised (see EMAVectorQuantizer)
+
+
 def _dist_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -103,8 +106,8 @@ class EMAVectorQuantizer(nn.Module):
             raise ValueError(f"EMAVectorQuantizer: decay={decay} must be in [0, 1)")
         if dead_code_threshold < 0:
             raise ValueError(f"EMAVectorQuantizer: dead_code_threshold={dead_code_threshold} must be >= 0")
-        if restart_from not in ("random", "error"):
-            raise ValueError(f"EMAVectorQuantizer: restart_from must be 'random' or 'error', got {restart_from!r}")
+        if restart_from not in RESTART_FROM:
+            raise ValueError(f"EMAVectorQuantizer: restart_from must be one of {RESTART_FROM}, got {restart_from!r}")
         self.num_codes = num_codes
         self.dim = dim
         self.decay = decay

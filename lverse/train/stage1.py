@@ -16,6 +16,7 @@ from torch import nn
 from ..config import ConfigError, to_dict
 from ..data import build_image_dataset
 from ..models.augvae import AugVAE, AugVAEConfig, ml_to_sl
+from ..models.quantizer import RESTART_FROM
 from ..perceptual import build_lpips
 from .cli import run_stage
 from .loop import Task, TrainConfig
@@ -132,8 +133,8 @@ def build_stage1_model(cfg: Stage1Config) -> AugVAE:
     # choice: without this, model.dead_code_threshold etc. of the run's config were ignored.
     q = model.quantizer
     m = cfg.model
-    if m.dead_code_restart not in ("random", "error"):
-        raise ConfigError(f"model.dead_code_restart must be 'random' or 'error', got {m.dead_code_restart!r}")
+    if m.dead_code_restart not in RESTART_FROM:
+        raise ConfigError(f"model.dead_code_restart must be one of {RESTART_FROM}, got {m.dead_code_restart!r}")
     model.cfg = replace(model.cfg, beta=m.beta, ema_decay=m.ema_decay, ema_eps=m.ema_eps,
                         dead_code_threshold=m.dead_code_threshold, dead_code_restart=m.dead_code_restart)
     q.beta, q.decay, q.eps = m.beta, m.ema_decay, m.ema_eps
