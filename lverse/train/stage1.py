@@ -133,8 +133,6 @@ def build_stage1_model(cfg: Stage1Config) -> AugVAE:
     # choice: without this, model.dead_code_threshold etc. of the run's config were ignored.
     q = model.quantizer
     m = cfg.model
-    if m.dead_code_restart not in RESTART_FROM:
-        raise ConfigError(f"model.dead_code_restart must be one of {RESTART_FROM}, got {m.dead_code_restart!r}")
     model.cfg = replace(model.cfg, beta=m.beta, ema_decay=m.ema_decay, ema_eps=m.ema_eps,
                         dead_code_threshold=m.dead_code_threshold, dead_code_restart=m.dead_code_restart)
     q.beta, q.decay, q.eps = m.beta, m.ema_decay, m.ema_eps
@@ -175,16 +173,19 @@ def freeze_tokenizer_side(model: AugVAE) -> None:
 class Stage1Task(Task):
     def __init__(self, cfg: Stage1Config) -> None:
         self.cfg = cfg
-        self.model = build_stage1_model(cfg)
+        # check the config before loading any checkpoint, so a typo fails at once
+        if cfg.model.dead_code_restart not in RESTART_FROM:
+            raise ConfigError(f"model.dead_code_restart must be one of {RESTART_FROM}, got {cfg.model.dead_code_restart!r}")
         if not 0.0 <= cfg.flat_swap <= 1.0:
             raise ConfigError(f"flat_swap={cfg.flat_swap} must be in [0, 1]")
         if cfg.flat_swap > 0 and cfg.model.variant != "sl":
             raise ConfigError("flat_swap applies to AugVAE-SL (one token map); model.variant is " + cfg.model.variant)
         if cfg.trainable not in ("all", "decoder"):
             raise ConfigError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+        if cfg.trainable == "decoder" and not cfg.init_from:
+            raise ConfigError("trainable=decoder finetunes a trained AugVAE: set init_from=PATH")
+        self.model = build_stage1_model(cfg)
         if cfg.trainable == "decoder":
-            if not cfg.init_from:
-                raise ConfigError("trainable=decoder finetunes a trained AugVAE: set init_from=PATH")
             freeze_tokenizer_side(self.model)
         self.lpips: nn.Module | None = None
         self._vis: torch.Tensor | None = None
