@@ -311,6 +311,29 @@ def test_layernorm_fp32_math_under_half():
     assert torch.equal(out, ref)
 
 
+def test_cpu_bf16_attention_runs_in_fp32(monkeypatch):
+    """On the CPU, bf16 autocast would send attention to a bf16 flash kernel whose backward is
+    slow at short sequences; the model upcasts q/k/v and keeps autocast off for that call."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    m = tiny().eval()  # no dropout: the two forward passes below must be comparable
+    text, image = random_pair(m.cfg, 2, torch.Generator().manual_seed(0))
+    idx, seg = build_sequence(m.cfg, text, image, "t2i")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(idx, seg)
+    logits.float().sum().backward()
+    assert logits.dtype == torch.bfloat16
+    assert seen == [(torch.float32, torch.float32, torch.float32, False)] * m.cfg.n_layer
+    ref = m(idx, seg)  # fp32 throughout
+    assert (logits.float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
 def test_half_and_o2_models():
     m32 = tiny().eval()
     idx, seg = batch(m32.cfg, "t2i")

@@ -192,3 +192,9 @@ def test_two_gloo_processes_hold_identical_weights(shapes_tokens: tuple[Path, Pa
         assert torch.allclose(f[k], a[k], atol=1e-5, rtol=1e-4), k
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step_0000004"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "state.pt").is_file()
+
+
+def test_ckpt_every_zero_writes_only_the_final_checkpoint(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
+    _, res = fit(cfg_for(*shapes_tokens, tmp_path / "run", max_steps=4, ckpt_every=0))
+    steps = sorted(p.name for p in (Path(res["run_dir"]) / "checkpoints").glob("step_*"))
+    assert steps == ["step_0000004"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lverse.config import ConfigError, dump_yaml, load_config, parse_overrides
+from lverse.config import ConfigError, dump_yaml, from_dict, load_config, parse_overrides
 from lverse.io import load_weights, save_weights
 from lverse.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from lverse.train.loop import TrainConfig
@@ -200,3 +200,11 @@ def test_lr_rule() -> None:
     assert t.resolved_lr(world_size=4) == pytest.approx(4.5e-6 * 64)
     t.lr = 1e-3
     assert t.resolved_lr(4) == 1e-3
+
+
+@pytest.mark.parametrize("key,value", [("max_steps", 0), ("log_every", 0), ("keep_last", 0), ("ckpt_every", -1),
+                                       ("warmup_steps", -5), ("batch_size", 0)])
+def test_train_config_rejects_impossible_counts(key: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        from_dict(TrainConfig, {key: value}, "train")
+    TrainConfig(ckpt_every=0, image_every=0)  # 0 = off is allowed where it means something

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..config import dump_yaml
+from ..config import ConfigError, dump_yaml
 from ..io import atomic_write_text, save_weights
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
@@ -69,6 +69,16 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     threads: int = 0                  # torch intra-op threads per process; 0 = PyTorch's default
+
+    def __post_init__(self) -> None:
+        # Checked here, not at the first step that divides by them: a typo in an override
+        # fails before any model or data is built.
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ckpt_every", "image_every", "warmup_steps", "cooldown_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -463,7 +473,7 @@ class Trainer:
                     _unwrap(model).train()
 
                 stop = any_rank(self._stop_signal is not None, device)
-                if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
+                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stop:
                     self._save(ckpt, step, {"epoch": epoch, "pos": pos, "skipped_items": skipped_items})
                     last_saved = step
                 if stop:
