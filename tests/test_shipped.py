@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(not (CKPT / "biart.safetensors").is_file(), reas
 
 N = 32
 # Floors with a margin below what the shipped files give (measured: 32/32 reconstructions,
-# greedy 30/32 captions and 10/32 images exact); the benchmark, not this test, reports accuracy.
-RECON_MIN, I2T_MIN, T2I_MIN = 28, 22, 5
+# greedy 21/32 captions and 13/32 images exact; on 128 scenes 86 and 42). The benchmark, not this
+# test, reports accuracy. The BiART shipped before (6000 steps at t2i_share 0.5) captioned 30/32
+# greedily (100/128) but reranked worse: the model card compares them.
+RECON_MIN, I2T_MIN, T2I_MIN = 28, 16, 5
 
 
 @pytest.fixture(scope="module")

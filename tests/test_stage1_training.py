@@ -256,6 +256,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
     trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg)
     trainer.fit()
     torch.save({k: v.clone() for k, v in trainer.task.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    torch.distributed.barrier()  # tear gloo down together (see tests/test_stage2_training.py::_worker)
     torch.distributed.destroy_process_group()
 
 
