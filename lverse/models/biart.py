@@ -151,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         upcast = q.device.type == "cpu" and dtype == torch.bfloat16
         if upcast:
             # The CPU's bf16 flash-attention kernel is slow at short sequences: its backward
-            # took 16 ms per layer at the Shapes BiART's (24, 4, 98, 32), the fp32 kernel 7 ms.
+            # took 16 ms per layer at the Shapes BiART's (24, 4, 98, 32), the fp32 kernel 5-7 ms.
             # Autocast would cast the inputs straight back to bf16, so it is off for this call.
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():

@@ -78,7 +78,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ckpt_every", "image_every", "warmup_steps", "cooldown_steps", "num_workers"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
