@@ -206,7 +206,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "restarted": torch.tensor(stats["restarted_codes"]),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # tear gloo down together (see tests/test_stage2_training.py::_worker)
+        dist.barrier()  # tear gloo down together (see lverse.train.dist.cleanup)
     finally:
         dist.destroy_process_group()
 

@@ -16,6 +16,7 @@ from PIL import Image
 from lverse.config import ConfigError, from_dict
 from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.train.checkpoint import CheckpointManager
+from lverse.train.dist import cleanup
 from lverse.train.logger import read_metrics
 from lverse.train.loop import Trainer
 from lverse.train.stage1 import Stage1Config, Stage1Task, describe, flat_cells, resolve_weights, swap_flat_cells
@@ -256,8 +257,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
     trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg)
     trainer.fit()
     torch.save({k: v.clone() for k, v in trainer.task.model.state_dict().items()}, f"{out}/rank{rank}.pt")
-    torch.distributed.barrier()  # tear gloo down together (see tests/test_stage2_training.py::_worker)
-    torch.distributed.destroy_process_group()
+    cleanup()
 
 
 def test_two_gloo_processes_keep_identical_weights_and_codebook(tmp_path: Path) -> None:

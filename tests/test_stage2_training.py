@@ -15,6 +15,7 @@ from lverse.encode import build_corpus, encode_corpus
 from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.models.biart import BiART
 from lverse.tokenizer import TextTokenizer
+from lverse.train.dist import cleanup
 from lverse.train.logger import read_metrics
 from lverse.train.loop import Trainer
 from lverse.train.stage2 import Stage2Config, Stage2Task
@@ -174,11 +175,7 @@ def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str,
     if strategy == "ddp":
         state = tr.task.model.state_dict()  # this rank's own replica
     torch.save(state, f"{out}/{strategy}_r{rank}.pt")
-    # Both ranks tear gloo down together: a rank that destroyed the group while its peer was
-    # still finishing the last collective aborted now and then ("terminate called without an
-    # active exception", about 1 run in 4 under FSDP on the 2-core CI box).
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    cleanup()  # barrier, then destroy: an unsynchronised teardown aborted about 1 run in 4 under FSDP
 
 
 def test_two_gloo_processes_hold_identical_weights(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:

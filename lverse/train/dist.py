@@ -85,5 +85,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def cleanup() -> None:
+    """Tear the process group down on every rank together. A rank that destroyed a gloo group
+    while its peer was still finishing the last collective aborted now and then ("terminate
+    called without an active exception")."""
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
