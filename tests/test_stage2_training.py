@@ -158,6 +158,27 @@ def test_cli_describe_and_vocab_mismatch(shapes_tokens: tuple[Path, Path], tmp_p
     assert "num_text_tokens" in capsys.readouterr().err
 
 
+def test_cli_tears_the_process_group_down_after_a_finished_run_only(
+    shapes_tokens: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run leaves the process group through dist.cleanup() (barrier, then destroy);
+    a failed one does not, since a peer rank may already be gone and the barrier would hang."""
+    import yaml
+
+    import lverse.train.cli as cli
+    from lverse.config import to_dict
+
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "cleanup", lambda: calls.append(1))
+    d = to_dict(cfg_for(*shapes_tokens, tmp_path / "run", max_steps=2))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert stage2_main(["--config", str(p)]) == 0
+    assert calls == [1]
+    assert stage2_main(["--config", str(p), "train.max_steps=0"]) == 2
+    assert calls == [1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..config import ConfigError, load_config
+from .dist import cleanup
 from .loop import Task, TrainConfig, Trainer
 
 C = TypeVar("C")
@@ -60,6 +61,9 @@ def run_stage(
             trainer.export()
             if trainer.info.is_main:
                 print(json.dumps(result))
+            # Under torchrun every rank gets here together; leaving the gloo/NCCL group without a
+            # barrier aborted a rank now and then. Not on a stop or an error: a peer may be gone.
+            cleanup()
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
