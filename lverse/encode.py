@@ -20,7 +20,7 @@ from .data import build_caption_dataset
 from .data.tokens import TokenShardWriter
 from .io import atomic_write_text
 from .models.augvae import AugVAE
-from .train.dist import barrier, init_distributed
+from .train.dist import barrier, cleanup, init_distributed
 
 
 def _collate(items: list[Any]) -> dict[str, Any]:
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if info.is_main:
             print(json.dumps({k: meta[k] for k in ("num_items", "tokens_per_image", "skipped")}))
+        cleanup()  # under torchrun: leave the process group together (barrier, then destroy)
         return 0
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -179,6 +179,26 @@ def test_cli_tears_the_process_group_down_after_a_finished_run_only(
     assert calls == [1]
 
 
+def test_encode_cli_writes_tokens_and_leaves_the_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import lverse.encode as enc
+
+    calls: list[int] = []
+    monkeypatch.setattr(enc, "cleanup", lambda: calls.append(1))
+    torch.manual_seed(0)
+    sl = AugVAE(AugVAEConfig(variant="sl", resolution=32, hidden_dim=32, ch_mult=(1, 1), num_res_blocks=1,
+                             z_channels=8, codebook_size=32, codebook_dim=8, num_levels=3))
+    weights = sl.save(tmp_path / "sl.safetensors")
+    args = ["--augvae", str(weights), "--size", "12", "--out", str(tmp_path / "tok"), "--num-workers", "0", "--device", "cpu"]
+    assert enc.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["num_items"] == 12 and read_meta(tmp_path / "tok")["num_items"] == 12
+    assert calls == [1]
+    assert enc.main(["--augvae", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "t2")]) == 2
+    assert calls == [1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
