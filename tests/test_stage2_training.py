@@ -22,12 +22,17 @@ from lverse.train.stage2 import Stage2Config, Stage2Task
 from lverse.train.stage2 import main as stage2_main
 
 
+def tiny_sl() -> AugVAE:
+    """A random-weight AugVAE-SL at 32 px: an 8x8 map of codes from a 32-code book."""
+    torch.manual_seed(0)
+    return AugVAE(AugVAEConfig(variant="sl", resolution=32, hidden_dim=32, ch_mult=(1, 1), num_res_blocks=1,
+                               z_channels=8, codebook_size=32, codebook_dim=8, num_levels=3))
+
+
 @pytest.fixture(scope="module")
 def shapes_tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("s2")
-    torch.manual_seed(0)
-    sl = AugVAE(AugVAEConfig(variant="sl", resolution=32, hidden_dim=32, ch_mult=(1, 1), num_res_blocks=1,
-                             z_channels=8, codebook_size=32, codebook_dim=8, num_levels=3))
+    sl = tiny_sl()
     corpus = build_corpus("shapes", "", "", "train", 32, 96, 0)
     meta = encode_corpus(sl, corpus, root / "tok", batch_size=32, num_workers=0, shard_size=40, progress=False)
     assert meta["num_items"] == 96 and meta["tokens_per_image"] == 64 and len(meta["shards"]) == 3
@@ -187,9 +192,7 @@ def test_encode_cli_writes_tokens_and_leaves_the_process_group(tmp_path: Path, m
 
     calls: list[int] = []
     monkeypatch.setattr(enc, "cleanup", lambda: calls.append(1))
-    torch.manual_seed(0)
-    sl = AugVAE(AugVAEConfig(variant="sl", resolution=32, hidden_dim=32, ch_mult=(1, 1), num_res_blocks=1,
-                             z_channels=8, codebook_size=32, codebook_dim=8, num_levels=3))
+    sl = tiny_sl()
     weights = sl.save(tmp_path / "sl.safetensors")
     args = ["--augvae", str(weights), "--size", "12", "--out", str(tmp_path / "tok"), "--num-workers", "0", "--device", "cpu"]
     assert enc.main(args) == 0
