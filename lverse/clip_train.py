@@ -95,6 +95,10 @@ IDENTITY_PREPROCESS: dict[str, Any] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5
 # "position" (one-object scenes) another position; "swap": one attribute exchanged between two
 # neighbouring objects (a binding error: "red circle, blue square" -> "blue circle, red square").
 NEGATIVE_KINDS: tuple[str, ...] = ("colour", "shape", "size", "relation", "axis", "position", "swap")
+# Hard negative *images* (``data.hard_negative_images``) re-render the scene with one object's
+# attribute changed, at the same coordinates: a minimal pair of pictures. Only kinds that change
+# what is drawn qualify; a flipped relation with unchanged coordinates would draw the same image.
+IMAGE_NEGATIVE_KINDS: tuple[str, ...] = ("colour", "shape", "size", "swap")
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,8 +175,23 @@ class ClipDataConfig:
     # learnt almost at once; shape, relation and swap (binding) need the extra negatives.
     negative_weights: dict[str, float] = field(default_factory=lambda: {
         "colour": 0.5, "size": 0.5, "position": 1.0, "axis": 0.5, "shape": 2.0, "relation": 3.0, "swap": 2.0})
+    # Perturbed scenes rendered as extra images per image (0 = off): each caption must then pick
+    # its own image out of near-identical pictures (:func:`hard_negative_loss` with the roles of
+    # images and captions swapped). That is the text→image reranker's task: the in-batch softmax
+    # only ever compares a caption with unrelated scenes.
+    hard_negative_images: int = 0
+    image_negative_weights: dict[str, float] = field(default_factory=lambda: {
+        "colour": 1.0, "shape": 2.0, "size": 1.0, "swap": 2.0})
 
     def __post_init__(self) -> None:
+        if self.hard_negative_images < 0:
+            raise ConfigError(f"data.hard_negative_images must be >= 0, got {self.hard_negative_images}")
+        bad_img = sorted(set(self.image_negative_weights) - set(IMAGE_NEGATIVE_KINDS))
+        if bad_img:
+            raise ConfigError(f"data.image_negative_weights: unknown kind(s) {bad_img}; valid: {list(IMAGE_NEGATIVE_KINDS)} "
+                              "(a relation or position change at the same coordinates would draw the same image)")
+        if any(v < 0 for v in self.image_negative_weights.values()):
+            raise ConfigError(f"data.image_negative_weights must be >= 0, got {self.image_negative_weights}")
         bad = sorted(set(self.negative_weights) - set(NEGATIVE_KINDS))
         if bad:
             raise ConfigError(f"data.negative_weights: unknown kind(s) {bad}; valid: {list(NEGATIVE_KINDS)}")
@@ -196,6 +215,7 @@ class ClipOptimConfig:
     weight_decay: float = 0.1     # on weight matrices only (not norms, biases, embeddings, logit scale)
     grad_clip: float = 1.0
     hard_negative_loss: float = 1.0  # weight of hard_negative_loss (image vs its own negatives); 0 = off
+    hard_negative_image_loss: float = 1.0  # the same, caption vs its image and data.hard_negative_images perturbed ones
     text_loss: float = 1.0        # weight of text_text_loss (paraphrase vs negatives); 0 = off
     init_logit_scale: float = 1 / 0.07  # exp(logit_scale) at the start (CLIP's 1/temperature)
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
@@ -466,6 +486,8 @@ class ClipBatch:
     image_keys: list[tuple]                   # scene key of every image
     negative_owner: list[int]                 # for each negative caption, its image's index
     paraphrases: list[str]                    # per image another phrasing of its scene (may be empty)
+    negative_images: torch.Tensor | None = None  # (M, 3, R, R) perturbed scenes, drawn at the same coordinates
+    negative_image_owner: list[int] = field(default_factory=list)  # for each negative image, its caption's index
 
 
 def make_batch(
@@ -475,12 +497,21 @@ def make_batch(
     rng: random.Random,
     weights: dict[str, float] | None = None,
     paraphrase: bool = False,
+    neg_images: int = 0,
+    image_weights: dict[str, float] | None = None,
 ) -> ClipBatch:
     """Render ``indices``; one random phrasing each, plus ``hard_neg`` perturbed captions
     (kinds weighted by ``weights``, see :func:`hard_negatives`) and, with ``paraphrase``, a
     second phrasing (a different one where the grammar has one) for :func:`text_text_loss`.
+    ``neg_images`` perturbed scenes per item are rendered as hard negative images (kinds of
+    :data:`IMAGE_NEGATIVE_KINDS`, weighted by ``image_weights``).
     Negatives use only the colour–shape pairs of ``ds``'s split (held-out pairs stay unseen)."""
     images, caps, keys, neg_caps, neg_keys, owner, paras = [], [], [], [], [], [], []
+    neg_imgs: list[torch.Tensor] = []
+    neg_img_owner: list[int] = []
+    # Every kind named, the others at weight 0 (hard_negatives treats a missing kind as weight 1).
+    iw_given = image_weights if image_weights is not None else dict.fromkeys(IMAGE_NEGATIVE_KINDS, 1.0)
+    iw = {k: iw_given.get(k, 0.0) if k in IMAGE_NEGATIVE_KINDS else 0.0 for k in NEGATIVE_KINDS}
     for b, i in enumerate(indices):
         scene = ds.scene(i)
         images.append(image_to_tensor(render(scene, ds.resolution)))
@@ -494,7 +525,11 @@ def make_batch(
             neg_caps.append(rng.choice(phrasings(neg)))
             neg_keys.append(scene_key(neg))
             owner.append(b)
-    return ClipBatch(torch.stack(images), caps + neg_caps, keys + neg_keys, keys, owner, paras)
+        for neg in hard_negatives(scene, neg_images, rng, iw, ds.pairs) if neg_images > 0 else []:
+            neg_imgs.append(image_to_tensor(render(neg, ds.resolution)))
+            neg_img_owner.append(b)
+    return ClipBatch(torch.stack(images), caps + neg_caps, keys + neg_keys, keys, owner, paras,
+                     torch.stack(neg_imgs) if neg_imgs else None, neg_img_owner)
 
 
 def contrastive_loss(
@@ -567,7 +602,8 @@ def text_text_loss(
 def hard_negative_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, owner: Sequence[int]
 ) -> torch.Tensor:
-    """Cross-entropy of each image over its own caption and its own hard negatives only.
+    """Cross-entropy of each image over its own caption and its own hard negatives only
+    (or, called with the roles swapped, of each caption over its own image and its negative images).
 
     In the batch softmax a hard negative is one of hundreds of captions, and while the easy
     ones dominate, "A below B" gets little gradient; this term (a (1 + K)-way softmax per
@@ -624,6 +660,9 @@ def evaluate_clip(
       whose *lowest*-scoring true phrasing beats *every* negative. ``heldout/<kind>``,
       ``heldout/hardneg_all``: the same on the images containing a held-out colour–shape pair
       (a combination never seen in training).
+    * ``hardneg_image/<kind>``: the text→image side (:data:`IMAGE_NEGATIVE_KINDS`): every true
+      phrasing against its image and ``negatives_per_kind`` pictures of perturbed scenes drawn at
+      the same coordinates; the fraction of (phrasing, picture) pairs where the true image wins.
     * ``retrieval/i2t_top1``: each image against one caption per test item (top-1 counts when
       the best caption describes the image's scene); ``retrieval/t2i_top1`` the other way.
     * ``phrasing_spread``: mean over images of (max − min) cosine over its true phrasings.
@@ -679,6 +718,31 @@ def evaluate_clip(
             strict.append(float(pos.min() > torch.cat(negs_all).max()))
         spread.append(float(pos.max() - pos.min()))
 
+    # Hard negative images (the text→image reranker's task): each true phrasing must score its
+    # own image above pictures of perturbed scenes drawn at the same coordinates.
+    neg_scenes: list[tuple[int, str, Scene]] = []
+    for i, sc in enumerate(scenes):
+        rng = random.Random(f"lverse-clip-eval-img/{data.seed}/{i}")
+        for kind in [k for k in applicable_kinds(sc) if k in IMAGE_NEGATIVE_KINDS]:
+            seen = {scene_key(sc)}
+            for _ in range(4 * ev.negatives_per_kind):
+                if len(seen) > ev.negatives_per_kind:
+                    break
+                neg = perturb(sc, kind, rng)
+                if neg is not None and scene_key(neg) not in seen:
+                    seen.add(scene_key(neg))
+                    neg_scenes.append((i, kind, neg))
+    img_wins: dict[str, list[float]] = {k: [] for k in IMAGE_NEGATIVE_KINDS}
+    if neg_scenes:
+        neg_f = torch.cat([
+            F.normalize(model.encode_image(torch.stack([image_to_tensor(render(n, data.resolution))
+                                                        for _i, _k, n in neg_scenes[s : s + ev.batch_size]]).to(device)).float(), dim=-1)
+            for s in range(0, len(neg_scenes), ev.batch_size)
+        ])
+        for (i, kind, _n), nf in zip(neg_scenes, neg_f):
+            t = embed_texts(phrasings(scenes[i]))
+            img_wins[kind].extend(((t @ img_f[i]) > (t @ nf)).float().tolist())
+
     # Retrieval over one caption per item; duplicates of a scene count as correct.
     caps = [phrasings(sc)[random.Random(f"lverse-clip-eval-cap/{data.seed}/{i}").randrange(len(phrasings(sc)))]
             for i, sc in enumerate(scenes)]
@@ -696,6 +760,8 @@ def evaluate_clip(
     out.update({f"heldout/{k}": mean(v) for k, v in wins_heldout.items() if v})
     out["heldout/hardneg_all"] = mean([w for v in wins_heldout.values() for w in v])
     out["heldout/images"] = float(sum(sc.heldout for sc in scenes))
+    out.update({f"hardneg_image/{k}": mean(v) for k, v in img_wins.items() if v})
+    out["hardneg_image/all"] = mean([w for v in img_wins.values() for w in v])
     out["retrieval/i2t_top1"] = mean(i2t)
     out["retrieval/t2i_top1"] = mean(t2i)
     out["phrasing_spread"] = mean(spread)
@@ -797,13 +863,16 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
             order += perm
         idx, order = order[: tc.batch_size], order[tc.batch_size :]
         batch = make_batch(ds, idx, cfg.data.hard_negatives, rng, cfg.data.negative_weights,
-                           paraphrase=tc.text_loss > 0)
+                           paraphrase=tc.text_loss > 0, neg_images=cfg.data.hard_negative_images,
+                           image_weights=cfg.data.image_negative_weights)
         tokens = tokenizer(batch.captions + batch.paraphrases)
         lr = lr_at(step, progress, tc)
         for g in opt.param_groups:
             g["lr"] = lr
 
-        img_f = F.normalize(model.encode_image(batch.images), dim=-1)
+        images = batch.images if batch.negative_images is None else torch.cat([batch.images, batch.negative_images])
+        img_f = F.normalize(model.encode_image(images), dim=-1)
+        img_f, neg_img_f = img_f[: len(idx)], img_f[len(idx) :]
         txt_f = F.normalize(encode_text(model, tokens), dim=-1)
         txt_f, para_f = txt_f[: len(batch.captions)], txt_f[len(batch.captions) :]
         scale = model.logit_scale.exp()
@@ -812,6 +881,12 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
             hn = hard_negative_loss(img_f, txt_f, scale, batch.negative_owner)
             loss = loss + tc.hard_negative_loss * hn
             logs.update(hn_loss=hn.item())
+        if tc.hard_negative_image_loss > 0 and batch.negative_image_owner:
+            # The same (1 + K)-way softmax with the roles swapped: each caption over its own image
+            # and that image's perturbed copies.
+            hni = hard_negative_loss(txt_f[: len(idx)], torch.cat([img_f, neg_img_f]), scale, batch.negative_image_owner)
+            loss = loss + tc.hard_negative_image_loss * hni
+            logs.update(hn_image_loss=hni.item())
         if tc.text_loss > 0:
             tt = text_text_loss(txt_f, para_f, scale, batch.text_keys)
             loss = loss + tc.text_loss * tt

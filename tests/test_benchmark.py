@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lverse.eval.benchmark import CARD_BEGIN, CARD_END, _Tally, markdown_table, target_results, update_model_card
+from lverse.eval.benchmark import (
+    CARD_BEGIN, CARD_END, _Tally, main, markdown_table, run_benchmark, target_results, update_model_card,
+)
 
 
 def _section(none: float, clip: float, cycle: float) -> dict:
@@ -64,3 +66,18 @@ def test_table_shows_the_object_count_split_only_when_reported() -> None:
     assert "| text→image | clip | 90.0% | 12.5% |" in table
     assert "| text→image | any candidate (oracle) | 100.0% | 50.0% |" in table
     assert "| image→text | clip | – | – |" in table  # a direction without the split shows dashes
+
+
+def test_one_direction_report_says_what_was_not_measured(capsys: pytest.CaptureFixture[str]) -> None:
+    report = _report(0.99, (0.5, 0.95, 0.7), (0.4, 0.6, 0.75))
+    del report["image_to_text"]
+    res = target_results(report)
+    assert [(m, met) for _, m, _, met in res] == [(0.99, True), (None, False), (0.75, False)]  # no "both directions" verdict
+    table = markdown_table(report)
+    assert "| image→text ≥ 90% (not measured) | – | not measured |" in table
+    assert "| text→image | clip | 60.0% |" in table and "| image→text | clip |" not in table
+    with pytest.raises(ValueError, match="directions"):
+        run_benchmark(None, directions=["image_to_caption"])  # type: ignore[arg-type]
+    # the CLI refuses a bad choice before loading any checkpoint
+    assert main(["--checkpoint", "/nonexistent", "--directions", "text_to_image,sideways"]) == 2
+    assert "--directions" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lverse.clip_train import (
     CLIP_BPE_VOCAB,
+    IMAGE_NEGATIVE_KINDS,
     NEGATIVE_KINDS,
     ClipTrainConfig,
     CompactVocab,
@@ -166,6 +167,26 @@ def test_make_batch_layout() -> None:
         assert b.text_keys[8 + j] != b.image_keys[owner]
 
 
+def test_make_batch_negative_images_are_minimal_pairs() -> None:
+    ds = ShapesDataset("train", size=16)
+    assert make_batch(ds, range(8), 1, random.Random(0)).negative_images is None  # off by default
+    b = make_batch(ds, range(8), 1, random.Random(0), neg_images=2, image_weights={"shape": 1.0})
+    assert b.negative_images is not None and b.negative_images.shape == (len(b.negative_image_owner), 3, 64, 64)
+    assert sorted(set(b.negative_image_owner)) == list(range(8))  # every scene has another shape to draw
+    for img, owner in zip(b.negative_images, b.negative_image_owner):
+        changed = (img != b.images[owner]).any(0)
+        assert changed.any()  # a different picture ...
+        ys, xs = changed.nonzero(as_tuple=True)  # ... that differs inside one object's box only
+        box = max(o.extent for o in ds.scene(owner).objects) * 64 + 2
+        assert int(ys.max() - ys.min()) <= box and int(xs.max() - xs.min()) <= box
+    # Kinds that would draw the same picture are refused, naming the field.
+    assert "relation" not in IMAGE_NEGATIVE_KINDS
+    with pytest.raises(ConfigError, match="image_negative_weights"):
+        tiny_cfg(data={"image_negative_weights": {"relation": 1.0}})
+    with pytest.raises(ConfigError, match="hard_negative_images"):
+        tiny_cfg(data={"hard_negative_images": -1})
+
+
 # --- loss and the fast text path ----------------------------------------------------------------
 
 
@@ -269,13 +290,15 @@ def test_compact_vocab_trains_the_same_function() -> None:
 
 def test_tiny_training_learns_and_round_trips(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(data={"hard_negative_images": 1})
     run = fit_clip(cfg)
     losses = [h["loss"] for h in run.history]
     assert len(losses) == cfg.train.max_steps and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first - 0.3, (first, last)
-    for k in ("hardneg/all", "hardneg/colour", "retrieval/i2t_top1", "retrieval/t2i_top1", "heldout/hardneg_all"):
+    assert all(math.isfinite(h["hn_image_loss"]) for h in run.history)  # the negative-image term took part
+    for k in ("hardneg/all", "hardneg/colour", "retrieval/i2t_top1", "retrieval/t2i_top1", "heldout/hardneg_all",
+              "hardneg_image/all", "hardneg_image/shape"):
         assert 0.0 <= run.metrics[k] <= 1.0, (k, run.metrics[k])
     # the saved model has the full CLIP BPE vocabulary (what ClipReranker's tokenizer needs)
     assert run.model.token_embedding.weight.shape[0] == CLIP_BPE_VOCAB
