@@ -103,6 +103,24 @@ class _Tally:
         return out
 
 
+def _rerank_item(
+    tally: _Tally, i: int, ok: torch.Tensor, scores: dict[str, torch.Tensor], rerankers: Sequence[str],
+    picks: dict[str, Any] | None, kind: str, candidates: Sequence[Any],
+) -> None:
+    """One item's candidates: each reranker's pick scored against the judge's verdicts ``ok``
+    (``clip+cycle`` from the two score sets), each score set's pairwise AUC, and the picks kept
+    under ``picks["<kind>/<reranker>"]`` when asked."""
+    if "clip+cycle" in rerankers and "clip" in scores and "cycle" in scores:
+        scores["clip+cycle"] = combine_scores([scores["clip"], scores["cycle"]])
+    for r in rerankers:
+        j = 0 if r == "none" else _pick(scores[r])
+        tally.add(r, i, bool(ok[j]))
+        if picks is not None:
+            picks.setdefault(f"{kind}/{r}", []).append(candidates[j])
+    for r, s in scores.items():
+        tally.add_auc(r, *_auc(s, ok))
+
+
 @torch.no_grad()
 def run_benchmark(
     pipe: LVersePipeline,
@@ -174,15 +192,7 @@ def run_benchmark(
                 scores["cycle"] = cycle.score_captions(codes[i], pipe.captions_to_ids(texts[i])).float().cpu()
             if clip is not None:
                 scores["clip"] = clip.score_texts(images[i].to(pipe.device), texts[i]).float().cpu()
-            if "clip+cycle" in rerankers and clip is not None:
-                scores["clip+cycle"] = combine_scores([scores["clip"], scores["cycle"]])
-            for r in rerankers:
-                j = 0 if r == "none" else _pick(scores[r])
-                tally.add(r, i, bool(ok[j]))
-                if picks is not None:
-                    picks.setdefault(f"captions/{r}", []).append(texts[i][j])
-            for r, s in scores.items():
-                tally.add_auc(r, *_auc(s, ok))
+            _rerank_item(tally, i, ok, scores, rerankers, picks, "captions", texts[i])
         report["image_to_text"] = tally.summary()
         report["image_to_text"]["examples"] = [
             {"truth": captions[i], "candidates": texts[i][:4]} for i in range(min(5, n))
@@ -205,15 +215,7 @@ def run_benchmark(
                 scores["cycle"] = cycle.score_images(text_ids[i], gen[i]).float().cpu()
             if clip is not None:
                 scores["clip"] = clip.score_images(imgs, captions[i]).float().cpu()
-            if "clip+cycle" in rerankers and clip is not None:
-                scores["clip+cycle"] = combine_scores([scores["clip"], scores["cycle"]])
-            for r in rerankers:
-                j = 0 if r == "none" else _pick(scores[r])
-                tally.add(r, i, bool(ok[j]))
-                if picks is not None:
-                    picks.setdefault(f"images/{r}", []).append(imgs[j].cpu())
-            for r, s in scores.items():
-                tally.add_auc(r, *_auc(s, ok))
+            _rerank_item(tally, i, ok, scores, rerankers, picks, "images", imgs.cpu())
         report["text_to_image"] = tally.summary()
         log(f"[bench] text->image {json.dumps({k: v['exact'] for k, v in report['text_to_image'].items() if isinstance(v, dict) and 'exact' in v})} ({time.time() - t2:.0f}s)")
     report["seconds"] = round(time.time() - t0, 1)
