@@ -876,8 +876,8 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
             g["lr"] = lr
 
         images = batch.images if batch.negative_images is None else torch.cat([batch.images, batch.negative_images])
-        img_f = F.normalize(model.encode_image(images), dim=-1)
-        img_f, neg_img_f = img_f[: len(idx)], img_f[len(idx) :]
+        all_img_f = F.normalize(model.encode_image(images), dim=-1)  # the batch's images, then the negative ones
+        img_f = all_img_f[: len(idx)]
         txt_f = F.normalize(encode_text(model, tokens), dim=-1)
         txt_f, para_f = txt_f[: len(batch.captions)], txt_f[len(batch.captions) :]
         scale = model.logit_scale.exp()
@@ -889,7 +889,7 @@ def fit_clip(cfg: ClipTrainConfig, evaluate: bool = True) -> ClipRun:
         if tc.hard_negative_image_loss > 0 and batch.negative_image_owner:
             # The same (1 + K)-way softmax with the roles swapped: each caption over its own image
             # and that image's perturbed copies.
-            hni = hard_negative_loss(txt_f[: len(idx)], torch.cat([img_f, neg_img_f]), scale, batch.negative_image_owner)
+            hni = hard_negative_loss(txt_f[: len(idx)], all_img_f, scale, batch.negative_image_owner)
             loss = loss + tc.hard_negative_image_loss * hni
             logs.update(hn_image_loss=hni.item())
         if tc.text_loss > 0:

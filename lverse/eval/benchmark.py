@@ -32,9 +32,10 @@ from ..sampling import generate_captions, generate_images
 from .shapes import match, read_images, try_parse_caption
 
 RERANKERS = ("none", "clip", "cycle", "clip+cycle")
-# The generation directions; reconstruction is always measured (its codes feed image→text).
-DIRECTIONS = ("image_to_text", "text_to_image")
+# The generation directions (report key, title); reconstruction is always measured (its codes
+# feed image→text).
 SECTIONS = (("image_to_text", "image→text"), ("text_to_image", "text→image"))
+DIRECTIONS = tuple(key for key, _ in SECTIONS)
 # Candidates per item: the paper's number for both directions (L-Verse §4, DESIGN.md).
 CANDIDATES = 64
 # The bar for the shipped checkpoints: exact scenes, generation with the best reranker.
