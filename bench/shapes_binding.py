@@ -20,12 +20,13 @@ import collections
 import torch
 
 from lverse.data.shapes import COLOURS, Scene, ShapeObject, ShapesDataset
-from lverse.eval.shapes import read_images
+from lverse.eval.shapes import match, read_images
 from lverse.pipeline import LVersePipeline
 from lverse.sampling import generate_images
 
 ATTRS = ("colour", "shape", "size")
 OUTCOMES = ("own", "other object's", "in neither")
+AXES = ("side by side (left/right)", "stacked (above/below)")
 
 
 def along_axis(scene: Scene, objects: list[ShapeObject]) -> list[ShapeObject]:
@@ -78,11 +79,17 @@ def main() -> None:
     counts: collections.Counter[str] = collections.Counter()
     tally = {a: collections.Counter() for a in ATTRS}
     first_second = [collections.Counter(), collections.Counter()]  # colour outcome of object 1 / 2 along the axis
+    # Side by side (left/right), raster order alternates between the two objects on every row
+    # of codes; stacked (above/below), it writes one object and then the other.
+    by_axis = {ax: collections.Counter() for ax in AXES}
     for i, it in enumerate(items):
         truth = Scene.from_dict(it["scene"])
         want = along_axis(truth, truth.objects)
+        axis = AXES[0] if truth.relation in ("left", "right") else AXES[1]
         for read in read_images(pipe.decode_images(gen[i]).cpu()):
             counts["unreadable" if read is None else f"{len(read.objects)} objects read"] += 1
+            by_axis[axis]["images"] += 1
+            by_axis[axis]["exact"] += int(match(read, truth))
             if read is None or len(read.objects) != 2:
                 continue
             got = along_axis(truth, read.objects)
@@ -93,6 +100,8 @@ def main() -> None:
                     tally[a][outcome] += 1
                     if a == "colour":
                         first_second[k][outcome] += 1
+                        by_axis[axis]["colour objects"] += 1
+                        by_axis[axis]["own colour"] += int(outcome == "own")
 
     total = len(items) * args.samples
     print(f"{len(items)} two-object captions x {args.samples} samples = {total} images; "
@@ -103,6 +112,10 @@ def main() -> None:
         print(f"| {a} | " + " | ".join(f"{100 * tally[a][o] / n:.1f}%" for o in OUTCOMES) + " |")
     own = [100 * c["own"] / max(1, sum(c.values())) for c in first_second]
     print(f"\nown colour: first object along the axis {own[0]:.1f}%, second {own[1]:.1f}%")
+    print("\n| relation axis | images | exact scene | own colour (of objects read in two-object images) |\n|---|---|---|---|")
+    for ax, c in by_axis.items():
+        print(f"| {ax} | {c['images']} | {100 * c['exact'] / max(1, c['images']):.1f}% | "
+              f"{100 * c['own colour'] / max(1, c['colour objects']):.1f}% |")
 
     print("\nimage NLL (nats per code) of the test images' own tokens, given:\n")
     print("| scenes | true caption | colours swapped | other colours |\n|---|---|---|---|")

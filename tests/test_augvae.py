@@ -153,3 +153,26 @@ def test_reduced_precision_quantizer_stays_fp32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(torch.rand(1, 3, 16, 16))
     assert out.commit_loss.dtype == torch.float32
+
+
+def test_channel_norm_keeps_cells_apart() -> None:
+    """norm="channel": a token depends only on pixels within the convolutions' reach; with the
+    paper's GroupNorm (one channel per group at this width) a far change reaches every cell."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64)
+    y = x.clone()
+    y[:, :, 48:, 48:] = 1.0  # change only the bottom-right corner
+    cfg = dict(resolution=64, hidden_dim=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, num_levels=2,
+               codebook_size=16, codebook_dim=8)
+    for norm, far_changes in (("channel", False), ("group", True)):
+        torch.manual_seed(0)
+        enc = AugVAE(AugVAEConfig(variant="ml", norm=norm, **cfg)).encoders[0].eval()
+        with torch.no_grad():
+            a, b = enc(x), enc(y)  # (1, 8, 32, 32): the corner is cells 24.. of 32
+        assert (a[..., :8, :8] - b[..., :8, :8]).abs().max().item() > 1e-4 if far_changes else torch.equal(a[..., :8, :8], b[..., :8, :8])
+        assert not torch.equal(a[..., 24:, 24:], b[..., 24:, 24:])
+    m = AugVAE(AugVAEConfig(variant="sl", norm="channel", **TINY))
+    assert AugVAE.from_config(to_dict(m.cfg)).cfg.norm == "channel"
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in _tiny("sl").parameters())
+    with pytest.raises(ValueError, match="norm"):
+        AugVAE(AugVAEConfig(variant="ml", norm="batch", **TINY))

@@ -55,22 +55,48 @@ class AugVAEConfig:
     # Ours (restarts are off in the paper): where a restarted code is placed, "random" or "error"
     # (see EMAVectorQuantizer's restart_from).
     dead_code_restart: str = "random"
+    # Ours: the normalisation in every residual block and before conv_out. "group" is the
+    # paper's (taming's GroupNorm, 32 groups). At hidden_dim 32 that is one channel per group,
+    # i.e. each channel normalised by its mean and spread over the *whole image*, which writes
+    # global content (how much of each colour the scene holds) into every cell's code, the empty
+    # ones too. "channel" normalises each position over its channels alone (a per-pixel
+    # LayerNorm, same parameters): nothing crosses cells but the convolutions' reach.
+    norm: str = "group"
 
 
 # The chained encoders E(2,.) and decoders G(2,.) always use these multipliers of hidden_dim.
 INNER_CH_MULT: tuple[int, ...] = (2, 4)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
+NORMS = ("group", "channel")
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each position (weight/bias named like GroupNorm's)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _norm(channels: int, kind: str = "group") -> nn.Module:
+    if kind == "channel":
+        return ChannelNorm(channels)
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: str = "group") -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (
@@ -105,10 +131,10 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, norm: str = "group") -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.block_1(x))
@@ -134,7 +160,7 @@ class Encoder(nn.Module):
 
     def __init__(
         self, in_channels: int, hidden_dim: int, ch_mult: Sequence[int], num_res_blocks: int,
-        z_channels: int, dropout: float,
+        z_channels: int, dropout: float, norm: str = "group",
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, hidden_dim, 3, padding=1)
@@ -143,12 +169,12 @@ class Encoder(nn.Module):
         block_out = hidden_dim
         for i, mult in enumerate(ch_mult):
             block_in, block_out = hidden_dim * in_mult[i], hidden_dim * mult
-            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, dropout)
+            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, dropout, norm)
                       for j in range(num_res_blocks)]
             down = Downsample(block_out) if i != len(ch_mult) - 1 else None
             self.down.append(DownLevel(blocks, down))
-        self.mid = MidBlock(block_out, dropout)
-        self.norm_out = _norm(block_out)
+        self.mid = MidBlock(block_out, dropout, norm)
+        self.norm_out = _norm(block_out, norm)
         self.conv_out = nn.Conv2d(block_out, z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,22 +195,22 @@ class Decoder(nn.Module):
 
     def __init__(
         self, in_channels: int, hidden_dim: int, ch_mult: Sequence[int], num_res_blocks: int,
-        out_channels: int, dropout: float,
+        out_channels: int, dropout: float, norm: str = "group",
     ) -> None:
         super().__init__()
         block_in = hidden_dim * ch_mult[-1]
         self.conv_in = nn.Conv2d(in_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in, dropout)
+        self.mid = MidBlock(block_in, dropout, norm)
         levels: list[UpLevel] = []
         for i in reversed(range(len(ch_mult))):
             block_out = hidden_dim * ch_mult[i]
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm))
                 block_in = block_out
             levels.insert(0, UpLevel(blocks, Upsample(block_in) if i != 0 else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, norm)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -240,6 +266,8 @@ class AugVAE(nn.Module):
         if cfg.variant == "sl" and cfg.num_levels < 2:
             raise ValueError(f"AugVAEConfig.num_levels must be >= 2 for SL (it is finetuned from "
                              f"an ML with >= 2 levels), got {cfg.num_levels}")
+        if cfg.norm not in NORMS:
+            raise ValueError(f"AugVAEConfig.norm must be one of {NORMS}, got {cfg.norm!r}")
         self.cfg = cfg
         n_enc = cfg.num_levels if cfg.variant == "ml" else 2
         factor = 2 ** (len(cfg.ch_mult) - 1)
@@ -254,10 +282,10 @@ class AugVAE(nn.Module):
         self.token_grids: list[tuple[int, int]] = [(finest >> i, finest >> i) for i in self.levels]
         self.tokens_per_image: int = sum(h * w for h, w in self.token_grids)
 
-        z, hd, nrb, do = cfg.z_channels, cfg.hidden_dim, cfg.num_res_blocks, cfg.dropout
+        z, hd, nrb, do, nm = cfg.z_channels, cfg.hidden_dim, cfg.num_res_blocks, cfg.dropout, cfg.norm
         self.encoders = nn.ModuleList(
-            [Encoder(cfg.in_channels, hd, cfg.ch_mult, nrb, z, do)]
-            + [Encoder(z, hd, INNER_CH_MULT, nrb, z, do) for _ in range(n_enc - 1)]
+            [Encoder(cfg.in_channels, hd, cfg.ch_mult, nrb, z, do, nm)]
+            + [Encoder(z, hd, INNER_CH_MULT, nrb, z, do, nm) for _ in range(n_enc - 1)]
         )
         n_q = len(self.levels)
         self.pre_quant = SharedConv1x1(z, cfg.codebook_dim, n_q)
@@ -272,15 +300,15 @@ class AugVAE(nn.Module):
             # G(2,.) for every level but the finest; the coarsest takes z, the others the
             # concatenation [latent, previous decoder output] (2z); G(4,3) makes the image.
             for i in range(n_enc - 1):
-                decoders.append(Decoder(z if i == 0 else 2 * z, hd, INNER_CH_MULT, nrb, z, do))
+                decoders.append(Decoder(z if i == 0 else 2 * z, hd, INNER_CH_MULT, nrb, z, do, nm))
             last_in = z if n_enc == 1 else 2 * z
             self.connectors = None
         else:
-            decoders.append(Decoder(2 * z, hd, INNER_CH_MULT, nrb, z, do))
+            decoders.append(Decoder(2 * z, hd, INNER_CH_MULT, nrb, z, do, nm))
             last_in = 2 * z
             # connectors[i] widens decoder i's input z -> 2z in place of the concatenation
             self.connectors = nn.ModuleList([nn.Conv2d(z, 2 * z, 1) for _ in range(2)])
-        decoders.append(Decoder(last_in, hd, cfg.ch_mult, nrb, cfg.in_channels, do))
+        decoders.append(Decoder(last_in, hd, cfg.ch_mult, nrb, cfg.in_channels, do, nm))
         self.decoders = nn.ModuleList(decoders)
 
     # ---------------------------------------------------------------------------- construction
