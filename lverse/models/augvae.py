@@ -60,7 +60,8 @@ class AugVAEConfig:
     # i.e. each channel normalised by its mean and spread over the *whole image*, which writes
     # global content (how much of each colour the scene holds) into every cell's code, the empty
     # ones too. "channel" normalises each position over its channels alone (a per-pixel
-    # LayerNorm, same parameters): nothing crosses cells but the convolutions' reach.
+    # LayerNorm, same parameters): nothing crosses cells but the convolutions' reach. On Shapes
+    # it lost reconstruction and text->image (checkpoints/shapes/README.md): no config uses it.
     norm: str = "group"
 
 
