@@ -51,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=None,
                     help="recommend classifier-free guidance at this scale for text->image (sampling.json); "
                          "only for a BiART trained with text_dropout > 0")
+    ap.add_argument("--image-temperature", type=float, default=None,
+                    help="recommend this sampling temperature for text->image (sampling.json; default 1)")
     args = ap.parse_args(argv)
     try:
         augvae = AugVAE.load(resolve_weights(args.augvae))
         biart = BiART.load(resolve_weights(args.biart)).float()
         tokenizer = TextTokenizer.load(args.tokenizer or find_tokenizer(args.biart))
-        sampling = {} if args.guidance is None else {"guidance": args.guidance}
+        sampling: dict[str, float] = {} if args.guidance is None else {"guidance": args.guidance}
+        if args.image_temperature is not None:
+            sampling["image_temperature"] = args.image_temperature
         if args.guidance not in (None, 1.0) and trained_text_dropout(args.biart) == 0.0:
             print(f"warning: --guidance {args.guidance:g}, but {args.biart} was trained with text_dropout 0: it never saw "
                   "the empty caption that guidance contrasts with, so guided images will be worse", file=sys.stderr)

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"top-k filter, 0 = off (default: {IMAGE_TOP_K} for images, off for captions)")
     s.add_argument("--top-p", type=float, default=None,
                    help=f"nucleus filter, 1 = off (default: off for images, {CAPTION_TOP_P} for captions)")
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: for images the checkpoint's sampling.json image_temperature, "
+                        "else 1; for captions 1)")
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale for images, 1 = off (default: the checkpoint's "
                         "sampling.json, else 1; needs a BiART trained with text_dropout > 0)")
@@ -106,7 +108,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("candidates", "keep", "batch_size", "max_text_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     if args.guidance is not None and not args.guidance >= 0:
         raise CLIError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
@@ -246,16 +248,19 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def _sampling_params(args: argparse.Namespace, direction: str, pipe: LVersePipeline | None = None) -> SamplingParams:
-    guidance = 1.0
+    guidance, temperature = 1.0, 1.0
     if direction == "t2i":
         top_k = IMAGE_TOP_K if args.top_k is None else args.top_k
         top_p = 1.0 if args.top_p is None else args.top_p
         default = pipe.guidance if pipe is not None else 1.0
         guidance = default if args.guidance is None else args.guidance
+        temperature = pipe.image_temperature if pipe is not None else 1.0
     else:
         top_k = 0 if args.top_k is None else args.top_k
         top_p = CAPTION_TOP_P if args.top_p is None else args.top_p
-    return SamplingParams(temperature=args.temperature, top_k=top_k, top_p=top_p, guidance=guidance)
+    if args.temperature is not None:
+        temperature = args.temperature
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance)
 
 
 def _settings(args: argparse.Namespace, pipe: LVersePipeline, mode: str, params: SamplingParams, n_draw: int) -> dict[str, Any]:

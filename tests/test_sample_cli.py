@@ -325,12 +325,39 @@ def test_guidance_from_sampling_json_and_flag(ckpt: Path, tmp_path: Path, capsys
     (g / "sampling.json").write_text('{"temperature": 0.5}')
     assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
     assert "unknown key" in _err_line(capsys)
+    (g / "sampling.json").write_text('{"image_temperature": 0}')
+    assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
+    assert "image_temperature" in _err_line(capsys)
     assert main(["--checkpoint", str(ckpt), "--text", "a", "--guidance", "-1", *BASE]) != 0
     assert "--guidance" in _err_line(capsys)
     # Saving without a recommendation removes a stale file.
     pipe.sampling = {}
     pipe.save(g)
     assert not (g / "sampling.json").exists()
+
+
+def test_image_temperature_from_sampling_json_and_flag(ckpt: Path, images: Path, tmp_path: Path) -> None:
+    """sampling.json's image_temperature is the default for images only: captions keep 1,
+    --temperature overrides both, and the draws follow it."""
+    g = tmp_path / "sharp"
+    shutil.copytree(ckpt, g)
+    (g / "sampling.json").write_text('{"image_temperature": 0.5}')
+    assert LVersePipeline.load(g, device="cpu").image_temperature == 0.5
+    assert LVersePipeline.load(ckpt, device="cpu").image_temperature == 1.0
+
+    def draw(root: Path, *extra: str) -> tuple[dict, Path]:
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        assert main(["--checkpoint", str(root), "--candidates", "2", "--out", str(out), "--rerank", "none",
+                     *extra, *BASE]) == 0
+        name = "captions.json" if "--image" in extra else "samples.json"
+        return json.loads((out / name).read_text()), out
+
+    (sharp, d_sharp), (plain, d_plain) = draw(g, "--text", "a red circle"), draw(ckpt, "--text", "a red circle")
+    assert sharp["temperature"] == 0.5 and plain["temperature"] == 1.0
+    pngs = lambda d: [p.read_bytes() for p in sorted(d.glob("*.png"))]  # noqa: E731
+    assert pngs(d_sharp) and pngs(d_sharp) != pngs(d_plain)  # same seed, another temperature: other images
+    assert draw(g, "--text", "a red circle", "--temperature", "0.9")[0]["temperature"] == 0.9
+    assert draw(g, "--image", str(images / "gray.png"))[0]["temperature"] == 1.0
 
 
 def test_bundle_cli_writes_sampling_json_and_warns_without_caption_dropout(ckpt: Path, tmp_path: Path, capsys) -> None:

@@ -131,7 +131,7 @@ def run_benchmark(
     rerankers: Sequence[str] = RERANKERS,
     batch_size: int = 256,
     t2i_top_k: int = 0,
-    t2i_temperature: float = 1.0,
+    t2i_temperature: float | None = None,
     t2i_guidance: float | None = None,
     i2t_top_p: float = 0.9,
     i2t_temperature: float = 1.0,
@@ -139,8 +139,8 @@ def run_benchmark(
     picks: dict[str, Any] | None = None,
     directions: Sequence[str] = DIRECTIONS,
 ) -> dict[str, Any]:
-    """Run the benchmark; ``t2i_guidance=None`` takes the bundle's recommendation
-    (``pipe.sampling``, else 1 = off). ``picks`` (if given) receives, per reranker, the chosen captions
+    """Run the benchmark; ``t2i_guidance=None`` and ``t2i_temperature=None`` take the bundle's
+    recommendations (``pipe.sampling``, else 1: guidance off, the model's own distribution). ``picks`` (if given) receives, per reranker, the chosen captions
     (``"captions/<r>"``) and images (``"images/<r>"``, (n,3,R,R)) for pictures and demos.
     ``directions``: which of :data:`DIRECTIONS` to measure (a reranker comparison on one
     direction need not pay for the other; the report then leaves the other's section out)."""
@@ -160,8 +160,11 @@ def run_benchmark(
     cycle = CycleReranker(pipe.biart, batch_size)
     if t2i_guidance is None:
         t2i_guidance = pipe.guidance
+    if t2i_temperature is None:
+        t2i_temperature = pipe.image_temperature
     report: dict[str, Any] = {"n": n, "heldout_items": sum(heldout), "candidates": candidates, "seed": seed,
                               "rerankers": list(rerankers), "t2i_guidance": t2i_guidance,
+                              "t2i_temperature": t2i_temperature,
                               "directions": [d for d in DIRECTIONS if d in directions]}
     t0 = time.time()
 
@@ -241,6 +244,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"Shapes test set: {report['n']} scenes ({report['heldout_items']} with a held-out colour–shape pair), "
         f"{report['candidates']} candidates per item, seed {report['seed']}"
+        + (f", text→image drawn at temperature {report['t2i_temperature']:g}" if report.get("t2i_temperature", 1.0) != 1.0 else "")
         + (f", text→image with classifier-free guidance {report['t2i_guidance']:g}." if report.get("t2i_guidance", 1.0) != 1.0 else "."),
         "",
         "| task | reranker | exact | seen | held-out |",
@@ -340,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale for text->image (default: the bundle's sampling.json, else 1 = off)")
+    ap.add_argument("--image-temperature", type=float, default=None,
+                    help="sampling temperature for text->image (default: the bundle's sampling.json, else 1)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/shapes_eval", help="writes report.json and report.md here")
     args = ap.parse_args(argv)
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
-                           t2i_guidance=args.guidance, directions=directions)
+                           t2i_guidance=args.guidance, t2i_temperature=args.image_temperature, directions=directions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
