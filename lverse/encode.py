@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = encode_corpus(
             augvae, corpus, args.out, args.batch_size, args.num_workers, info.device, args.shard_size,
             info.rank, info.world_size,
-            extra_meta={"augvae": str(args.augvae), "data": args.data, "path": args.path, "split": args.split},
+            extra_meta={"augvae": str(args.augvae), "data": args.data, "path": args.path, "split": args.split,
+                        "seed": args.seed},
         )
         if info.is_main:
             print(json.dumps({k: meta[k] for k in ("num_items", "tokens_per_image", "skipped")}))

@@ -198,8 +198,13 @@ def test_encode_cli_writes_tokens_and_leaves_the_process_group(tmp_path: Path, m
     assert enc.main(args) == 0
     assert json.loads(capsys.readouterr().out)["num_items"] == 12 and read_meta(tmp_path / "tok")["num_items"] == 12
     assert calls == [1]
+    # The Shapes seed is recorded, so a tool can tell which scenes the tokens hold (and which are fresh).
+    assert read_meta(tmp_path / "tok")["seed"] == 0
+    assert enc.main(args[:4] + ["--seed", "3", "--out", str(tmp_path / "tok3"), "--num-workers", "0", "--device", "cpu"]) == 0
+    assert read_meta(tmp_path / "tok3")["seed"] == 3
+    capsys.readouterr()
     assert enc.main(["--augvae", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "t2")]) == 2
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def _free_port() -> int:
