@@ -63,3 +63,24 @@ def test_shipped_biart_captions_and_draws_test_scenes(shipped: tuple[LVersePipel
     drawn = pipe.decode_images(generate_images(pipe.biart, text_ids, 1, greedy=True).reshape(N, -1))
     t2i = sum(match(s, it["scene"]) for s, it in zip(read_images(drawn), items))
     assert t2i >= T2I_MIN, f"text->image: {t2i}/{N} greedy images show their caption's scene"
+
+
+def test_rescoring_kept_candidates_gives_the_benchmarks_figures(shipped: tuple[LVersePipeline, list[dict]]) -> None:
+    """bench/rerank_compare.py's premise: candidates kept by the benchmark, re-scored with the
+    bundle's own CLIP, give the report's figures back (every reranker, the oracle, the AUCs)."""
+    from lverse.eval.benchmark import DIRECTIONS, RERANKERS, rescore_candidates, run_benchmark
+    from lverse.rerank import ClipReranker
+
+    pipe, _ = shipped
+    cands: dict = {}
+    report = run_benchmark(pipe, n=6, candidates=4, seed=0, candidates_out=cands, log=lambda s: None)
+    assert len(cands["text_to_image"]) == 6 and cands["text_to_image"][0]["candidates"].shape[0] == 4
+    again = rescore_candidates(cands, ClipReranker(pipe.clip()[0], "cpu"))
+    for d in DIRECTIONS:
+        for r in RERANKERS:
+            assert again[d][r]["exact"] == report[d][r]["exact"], (d, r)
+        for k in ("oracle_any_correct", "pairwise_auc_clip", "pairwise_auc_cycle", "pairwise_auc_clip+cycle"):
+            assert again[d][k] == report[d][k], (d, k)
+    # Without a CLIP only the CLIP-free rerankers are scored, from the kept cycle scores.
+    bare = rescore_candidates(cands, None)
+    assert "clip" not in bare["text_to_image"] and bare["text_to_image"]["cycle"] == report["text_to_image"]["cycle"]

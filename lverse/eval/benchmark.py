@@ -138,12 +138,17 @@ def run_benchmark(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     picks: dict[str, Any] | None = None,
     directions: Sequence[str] = DIRECTIONS,
+    candidates_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; ``t2i_guidance=None`` and ``t2i_temperature=None`` take the bundle's
     recommendations (``pipe.sampling``, else 1: guidance off, the model's own distribution). ``picks`` (if given) receives, per reranker, the chosen captions
     (``"captions/<r>"``) and images (``"images/<r>"``, (n,3,R,R)) for pictures and demos.
     ``directions``: which of :data:`DIRECTIONS` to measure (a reranker comparison on one
-    direction need not pay for the other; the report then leaves the other's section out)."""
+    direction need not pay for the other; the report then leaves the other's section out).
+    ``candidates_out`` (if given) receives every item's candidates with the judge's verdicts and
+    the score sets computed here (``"<direction>"``: a list of ``{"candidates", "ok", "scores"}``;
+    ``"items"``: the test images, captions, held-out flags and object counts), so that other
+    rerankers can be compared later on the very same candidates (``bench/rerank_compare.py``)."""
     bad = sorted(set(directions) - set(DIRECTIONS))
     if bad or not directions:
         raise ValueError(f"directions must be a non-empty subset of {list(DIRECTIONS)}, got {list(directions)}")
@@ -156,6 +161,8 @@ def run_benchmark(
     heldout = [bool(it["heldout"]) for it in items]
     objects = [len(it["scene"]["objects"]) for it in items]
     captions = [it["caption"] for it in items]
+    if candidates_out is not None:
+        candidates_out["items"] = {"images": images, "captions": captions, "heldout": heldout, "objects": objects}
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
     if t2i_guidance is None:
@@ -196,6 +203,8 @@ def run_benchmark(
                 scores["cycle"] = cycle.score_captions(codes[i], pipe.captions_to_ids(texts[i])).float().cpu()
             if clip is not None:
                 scores["clip"] = clip.score_texts(images[i].to(pipe.device), texts[i]).float().cpu()
+            if candidates_out is not None:
+                candidates_out.setdefault("image_to_text", []).append({"candidates": texts[i], "ok": ok, "scores": dict(scores)})
             _rerank_item(tally, i, ok, scores, rerankers, picks, "captions", texts[i])
         report["image_to_text"] = tally.summary()
         report["image_to_text"]["examples"] = [
@@ -219,6 +228,8 @@ def run_benchmark(
                 scores["cycle"] = cycle.score_images(text_ids[i], gen[i]).float().cpu()
             if clip is not None:
                 scores["clip"] = clip.score_images(imgs, captions[i]).float().cpu()
+            if candidates_out is not None:
+                candidates_out.setdefault("text_to_image", []).append({"candidates": imgs.cpu(), "ok": ok, "scores": dict(scores)})
             _rerank_item(tally, i, ok, scores, rerankers, picks, "images", imgs.cpu())
         report["text_to_image"] = tally.summary()
         log(f"[bench] text->image {json.dumps({k: v['exact'] for k, v in report['text_to_image'].items() if isinstance(v, dict) and 'exact' in v})} ({time.time() - t2:.0f}s)")
@@ -228,6 +239,34 @@ def run_benchmark(
         for k in [k for k in picks if k.startswith("images/")]:
             picks[k] = torch.stack(picks[k])
     return report
+
+
+@torch.no_grad()
+def rescore_candidates(
+    cands: dict[str, Any], clip: ClipReranker | None, rerankers: Sequence[str] = RERANKERS
+) -> dict[str, Any]:
+    """Rerank the candidates that :func:`run_benchmark` kept (``candidates_out``) again, with
+    ``clip``'s scores in place of the CLIP scores they were kept with (the other score sets as
+    kept; ``clip=None``: no CLIP rerankers). Returns each kept direction's summary, as in the
+    report: with the bundle's own CLIP it gives the report's figures back."""
+    items = cands["items"]
+    use = [r for r in rerankers if clip is not None or "clip" not in r]
+    out: dict[str, Any] = {}
+    for direction in DIRECTIONS:
+        if direction not in cands:
+            continue
+        tally = _Tally(items["heldout"], items["objects"])
+        for i, c in enumerate(cands[direction]):
+            scores = {k: v for k, v in c["scores"].items() if k != "clip"}
+            if clip is not None:
+                if direction == "image_to_text":
+                    scores["clip"] = clip.score_texts(items["images"][i].to(clip.device), c["candidates"]).float().cpu()
+                else:
+                    scores["clip"] = clip.score_images(c["candidates"].float().to(clip.device), items["captions"][i]).float().cpu()
+            tally.oracle.append(bool(c["ok"].any()))
+            _rerank_item(tally, i, c["ok"], scores, use, None, direction, c["candidates"])
+        out[direction] = tally.summary()
+    return out
 
 
 def _measured(report: dict[str, Any]) -> list[tuple[str, str]]:
