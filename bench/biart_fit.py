@@ -50,8 +50,13 @@ def main() -> None:
     pipe = LVersePipeline.load(args.checkpoint, device=args.device)
     seen_codes = torch.from_numpy(np.load(tokens / shard["codes"])[: args.n].astype(np.int64))
     with open(tokens / shard["captions"]) as f:
-        seen_caps = [json.loads(line)[0] for _, line in zip(range(args.n), f)]
+        kept = [json.loads(line) for _, line in zip(range(args.n), f)]
     ds = ShapesDataset("train", size=meta["num_items"] + args.n, seed=int(meta.get("seed", 0)), resolution=pipe.resolution)
+    # Both groups take the dataset's own phrasing of each scene, so only having been seen differs.
+    seen_caps = [ds[i]["caption"] for i in range(args.n)]
+    if any(c not in k for c, k in zip(seen_caps, kept)):
+        raise SystemExit(f"error: {tokens}: its captions are not those of Shapes train scenes with seed "
+                         f"{meta.get('seed', 0)} (a token directory written with another seed?)")
     fresh = [ds[meta["num_items"] + i] for i in range(args.n)]
     with torch.no_grad():
         unseen_codes = pipe.encode_images(torch.stack([it["image"] for it in fresh]), batch_size=64).cpu()
