@@ -58,7 +58,7 @@ def main() -> int:
         return 2
     if Path(args.cache).is_file():
         cands = torch.load(args.cache, weights_only=False)
-        want = {"n": args.n, "seed": args.seed, "candidates": args.candidates}
+        want = {"checkpoint": str(args.checkpoint), "n": args.n, "seed": args.seed, "candidates": args.candidates}
         got = {k: cands["meta"][k] for k in want}
         if got != want:
             print(f"error: {args.cache} holds {got}, not {want}: pass those, or another --cache", file=sys.stderr)
