@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lverse.eval.benchmark import CANDIDATES, DIRECTIONS, rescore_candidates, run_benchmark
+from lverse.eval.benchmark import CANDIDATES, DIRECTIONS, parse_directions, rescore_candidates, run_benchmark
 from lverse.pipeline import LVersePipeline, resolve_device
 from lverse.rerank import ClipReranker
 
@@ -52,9 +52,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
-    if not directions or set(directions) - set(DIRECTIONS):
-        print(f"error: --directions {args.directions!r}: choose from {','.join(DIRECTIONS)}", file=sys.stderr)
+    directions = parse_directions(args.directions)
+    if directions is None:
         return 2
     if Path(args.cache).is_file():
         cands = torch.load(args.cache, weights_only=False)

@@ -369,6 +369,16 @@ def update_model_card(card: Path, table: str) -> bool:
     return True
 
 
+def parse_directions(text: str) -> list[str] | None:
+    """``--directions``: a comma-separated subset of :data:`DIRECTIONS`; None (with the error
+    printed) when it is empty or names another."""
+    directions = [d.strip() for d in text.split(",") if d.strip()]
+    if not directions or set(directions) - set(DIRECTIONS):
+        print(f"error: --directions {text!r}: choose from {','.join(DIRECTIONS)}", file=sys.stderr)
+        return None
+    return directions
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Shapes benchmark: reconstruction, image→text, text→image with rerankers.")
     ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: the shipped checkpoints/shapes)")
@@ -388,9 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/shapes_eval", help="writes report.json and report.md here")
     args = ap.parse_args(argv)
-    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
-    if not directions or set(directions) - set(DIRECTIONS):
-        print(f"error: --directions {args.directions!r}: choose from {','.join(DIRECTIONS)}", file=sys.stderr)
+    directions = parse_directions(args.directions)
+    if directions is None:
         return 2
     try:
         pipe = LVersePipeline.load(args.checkpoint, device=args.device)
