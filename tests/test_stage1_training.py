@@ -153,6 +153,12 @@ def test_decoder_finetune_keeps_token_ids_and_trains_the_decoder(tmp_path: Path)
     cfg.trainable = "encoder"
     with pytest.raises(ConfigError, match="trainable"):
         Stage1Task(cfg)
+    # weight averaging leaves the EMA codebook at the last step: only a frozen codebook allows it
+    cfg.trainable, cfg.init_from, cfg.train.average = "all", str(ml_dir), "ema"
+    with pytest.raises(ConfigError, match="train.average"):
+        Stage1Task(cfg)
+    cfg.trainable = "decoder"
+    Stage1Task(cfg)
 
 
 def test_flat_cells_and_their_swap() -> None:

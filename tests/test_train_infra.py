@@ -208,3 +208,42 @@ def test_train_config_rejects_impossible_counts(key: str, value: int) -> None:
     with pytest.raises(ConfigError, match=f"train.{key}"):
         from_dict(TrainConfig, {key: value}, "train")
     TrainConfig(ckpt_every=0, image_every=0)  # 0 = off is allowed where it means something
+
+
+def test_weight_average_ema_and_mean_follow_their_formulas() -> None:
+    from lverse.train.average import WeightAverage
+
+    w = nn.Parameter(torch.zeros(3))
+    seen = []
+    ema = WeightAverage([("w", w)], "ema", decay=0.75, start=2)
+    mean = WeightAverage([("w", w)], "mean", start=2)
+    for step in range(1, 6):
+        with torch.no_grad():
+            w.copy_(torch.tensor([step, 2.0 * step, -step]))
+        seen.append(w.detach().clone())
+        ema.update(step)
+        mean.update(step)
+    ref = seen[1]  # steps before `start` are not averaged
+    for s in seen[2:]:
+        ref = 0.75 * ref + 0.25 * s
+    assert torch.allclose(ema.avg[0], ref) and ema.count == 4
+    assert torch.allclose(mean.avg[0], torch.stack(seen[1:]).mean(0)) and mean.count == 4
+    with mean.swapped():
+        assert torch.allclose(w, torch.stack(seen[1:]).mean(0))
+    assert torch.equal(w, seen[-1])  # the weights come back afterwards
+    # a state dict restores it exactly; a different mode is refused
+    other = WeightAverage([("w", w)], "mean", start=2)
+    other.load_state_dict(mean.state_dict())
+    assert torch.equal(other.avg[0], mean.avg[0]) and other.count == 4
+    with pytest.raises(ValueError, match="ema"):
+        other.load_state_dict(ema.state_dict())
+    with pytest.raises(RuntimeError, match="step 9"):
+        with WeightAverage([("w", w)], "ema", start=9).swapped():
+            pass
+
+
+@pytest.mark.parametrize("over,msg", [({"average": "swa"}, "train.average"), ({"average": "ema", "average_decay": 1.0}, "average_decay"),
+                                      ({"average": "mean", "average_start": 10, "max_steps": 10}, "average_start")])
+def test_train_config_rejects_bad_averages(over: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(TrainConfig, over, "train")

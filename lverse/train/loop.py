@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..config import ConfigError, dump_yaml
 from ..io import atomic_write_text, save_weights
+from .average import AVERAGES, WeightAverage
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
 from .logger import RunLogger
@@ -69,6 +70,11 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     threads: int = 0                  # torch intra-op threads per process; 0 = PyTorch's default
+    # Weight averaging (ours, not in the papers; lverse.train.average): none | ema | mean. The
+    # exported model.safetensors holds the average, model_raw.safetensors the last step's weights.
+    average: str = "none"
+    average_decay: float = 0.999      # ema only
+    average_start: int = 0            # the first step averaged, e.g. where the cool-down starts
 
     def __post_init__(self) -> None:
         # Checked here, not at the first step that divides by them: a typo in an override
@@ -76,9 +82,15 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "image_every", "warmup_steps", "cooldown_steps", "num_workers"):
+        for name in ("ckpt_every", "image_every", "warmup_steps", "cooldown_steps", "num_workers", "average_start"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.average not in AVERAGES:
+            raise ConfigError(f"train.average must be one of {AVERAGES}, got {self.average!r}")
+        if not 0.0 < self.average_decay < 1.0:
+            raise ConfigError(f"train.average_decay must be in (0, 1), got {self.average_decay}")
+        if self.average != "none" and self.average_start >= self.max_steps:
+            raise ConfigError(f"train.average_start={self.average_start} averages nothing in {self.max_steps} steps")
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -162,6 +174,7 @@ class Trainer:
         self.full_config = full_config
         self.resume = resume
         self.fsdp = False
+        self.average: WeightAverage | None = None
         self._stop_signal: int | None = None
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = task_factory()
@@ -207,11 +220,23 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write the final weights (+ the task's extra files) into the run directory, for
-        inference and for the next stage's ``init_from``. Collective under FSDP."""
+        inference and for the next stage's ``init_from``. Collective under FSDP.
+
+        With ``train.average`` the averaged weights are ``model.safetensors`` and the last step's
+        own weights ``model_raw.safetensors``."""
         state = self.export_state()
+        raw = None
+        if self.average is not None and self.average.ready:
+            raw = state
+            with self.average.swapped():  # a copy: the state may hold the live tensors
+                state = {k: v.clone() for k, v in self.export_state().items()}
         if not self.info.is_main:
             return None
         path = save_weights(self.run_dir / "model.safetensors", state, self.task.model_meta())
+        if raw is not None:
+            save_weights(self.run_dir / "model_raw.safetensors", raw, self.task.model_meta())
+            print(f"[lverse] model.safetensors: the {self.average.mode} of the weights of the last "
+                  f"{self.average.count} steps; model_raw.safetensors: the last step's", file=sys.stderr)
         for name, text in self.task.extra_files().items():
             atomic_write_text(self.run_dir / name, text)
         return path
@@ -230,6 +255,8 @@ class Trainer:
             return None
         model_state = self.export_state()
         optim_state = self._optimizer_state()
+        if self.average is not None:
+            extra_state = {**extra_state, "average": self.average.state_dict()}
         rngs = [rng_state()]
         if collective and self.info.distributed:
             gathered: list[Any] = [None] * self.info.world_size
@@ -328,6 +355,10 @@ class Trainer:
             total_steps=cfg.max_steps, cooldown_steps=cfg.cooldown_steps,
         )
 
+        if cfg.average != "none":
+            # after sharding and precision set-up: it averages the tensors the optimizer steps
+            self.average = WeightAverage(self.precision.named_weights(task.model), cfg.average, cfg.average_decay,
+                                         cfg.average_start)
         step, epoch, pos = 0, 0, 0
         skipped_items = 0
         if train_state is not None:
@@ -343,6 +374,12 @@ class Trainer:
             if hasattr(self.precision, "load_master_from_model_state"):
                 self.precision.load_master_from_model_state(model_state, task.model)  # type: ignore[attr-defined]
             step, epoch, pos = train_state["step"], train_state["epoch"], train_state["pos"]
+            if self.average is not None:
+                if "average" in train_state:
+                    self.average.load_state_dict(train_state["average"])
+                elif step >= cfg.average_start and info.is_main:
+                    print(f"[lverse] the checkpoint holds no weight average: averaging starts at step {step + 1}",
+                          file=sys.stderr)
             skipped_items = train_state.get("skipped_items", 0)
             rngs = train_state["rng"]
             set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
@@ -435,6 +472,8 @@ class Trainer:
                     n_micro += 1
                 stepped, gnorm = self.precision.step(self.optimizer, cfg.grad_clip)
                 step += 1
+                if self.average is not None and stepped:
+                    self.average.update(step)
                 loss_val = logs_acc.get("loss", float("nan"))
                 if not math.isfinite(loss_val) and stepped:
                     raise FloatingPointError(f"loss is {loss_val} at step {step} with precision {cfg.precision}")

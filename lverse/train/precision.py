@@ -63,6 +63,10 @@ class Precision:
         """Weights to save: fp32 values (the master weights in fp16-o2)."""
         return {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
 
+    def named_weights(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """The trainable tensors the optimizer steps, by parameter name (fp16-o2: the masters)."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
     # --- per step ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -193,6 +197,9 @@ class FP16O2(Precision):
             if m is not None and name in state:
                 state[name] = m.detach().clone()
         return state
+
+    def named_weights(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(n, self._master[id(p)]) for n, p in model.named_parameters() if p.requires_grad and id(p) in self._master]
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss.float() * self._scale).backward()

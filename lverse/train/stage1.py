@@ -184,6 +184,11 @@ class Stage1Task(Task):
             raise ConfigError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
         if cfg.trainable == "decoder" and not cfg.init_from:
             raise ConfigError("trainable=decoder finetunes a trained AugVAE: set init_from=PATH")
+        if cfg.train.average != "none" and cfg.trainable == "all":
+            # the codebook is an EMA of encoder outputs kept in buffers, which weight averaging
+            # leaves at the last step: averaged encoders would quantize against a codebook
+            # that was never fitted to them
+            raise ConfigError("train.average applies to stage 1 only with trainable=decoder (the codebook is not averaged)")
         self.model = build_stage1_model(cfg)
         if cfg.trainable == "decoder":
             freeze_tokenizer_side(self.model)
