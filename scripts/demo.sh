@@ -3,7 +3,7 @@
 #   bash scripts/demo.sh                 sample both directions from checkpoints/shapes
 #                                        (extra arguments go to `python -m lverse.demo`)
 #   bash scripts/demo.sh --recipe        the full Shapes training run (scripts/shapes/train_all.sh,
-#                                        ~52 min on 2 CPU cores) into runs/, bundled into
+#                                        ~44 min on 2 CPU cores) into runs/, bundled into
 #                                        $OUT (default runs/shapes_bundle, so the shipped
 #                                        checkpoints stay as they are), then the demo on it
 set -euo pipefail

@@ -18,11 +18,12 @@ pytestmark = pytest.mark.skipif(not (CKPT / "biart.safetensors").is_file(), reas
 
 N = 32
 # Floors with a margin below what the shipped files give (measured: 32/32 reconstructions,
-# greedy 19/32 captions and 20/32 images exact; on 128 scenes 125, 86 and 64; the BiART before
-# this one, trained on 20,000 scenes: 23/32 and 12/32, on 128 scenes 90 and 51). The benchmark, not
-# this test, reports accuracy. The BiART shipped before 041d234 (6000 steps at t2i_share 0.5)
-# captioned 30/32 greedily (100/128) but reranked worse: the model card compares them.
-RECON_MIN, I2T_MIN, T2I_MIN = 28, 16, 5
+# greedy 19/32 captions and 23/32 images exact; on 128 scenes 128, 86 and 92). The set before this
+# one (its AugVAE trained on another CPU, 2026-11-22) gave 32, 19 and 20 (on 128: 125, 86, 64), and
+# the BiART before that, on 20,000 scenes, 23/32 and 12/32. The benchmark, not this test, reports
+# accuracy. The BiART shipped before 041d234 (6000 steps at t2i_share 0.5) captioned 30/32
+# greedily (100/128) but reranked worse: the model card compares them.
+RECON_MIN, I2T_MIN, T2I_MIN = 28, 16, 16
 
 
 @pytest.fixture(scope="module")
