@@ -26,9 +26,14 @@ EVAL_N="${EVAL_N:-500}"
 EVAL_CANDIDATES="${EVAL_CANDIDATES:-64}"
 THREADS="${THREADS:-0}"
 SCENES="${SCENES:-60000}"
+# Whether the stages will run on a GPU: decided once, for the precision and the encoding batch.
+if [[ "$DEVICE" == cuda* ]] || { [ "$DEVICE" = auto ] && python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }; then
+  ON_GPU=1
+else
+  ON_GPU=0
+fi
 if [ -z "${PRECISION:-}" ]; then
-  if [[ "$DEVICE" == cuda* ]] || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
-  if [ "$DEVICE" = auto ] && python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then PRECISION=bf16; fi
+  if [ "$ON_GPU" = 1 ] || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
 fi
 [ "${FRESH:-0}" = 1 ] && rm -rf "$RUNS"/shapes_augvae_ml "$RUNS"/shapes_augvae_sl "$RUNS"/shapes_augvae_sl_dec "$RUNS"/shapes_tokenizer.json \
   "$RUNS"/shapes_tokens "$RUNS"/shapes_biart "$RUNS"/shapes_clip
@@ -60,11 +65,7 @@ if [ -f "$RUNS/shapes_tokens/meta.json" ]; then  # kept from an earlier run: it 
   fi
 fi
 # Batches of 8 on a CPU: 64-pixel images encode 1.5x faster than in batches of 64 here (the same ids)
-if [[ "$DEVICE" == cuda* ]] || { [ "$DEVICE" = auto ] && python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }; then
-  ENCODE_BATCH=64
-else
-  ENCODE_BATCH=8
-fi
+if [ "$ON_GPU" = 1 ]; then ENCODE_BATCH=64; else ENCODE_BATCH=8; fi
 [ -f "$RUNS/shapes_tokens/meta.json" ] || lverse encode --augvae "$RUNS/shapes_augvae_sl" --data shapes --size "$SCENES" \
   --out "$RUNS/shapes_tokens" --num-workers 0 --device "$DEVICE" --batch-size "$ENCODE_BATCH"
 stamp "tokenizer + encoding"
