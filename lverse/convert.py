@@ -132,6 +132,43 @@ def _shared(state: dict[str, Tensor], keys: list[str], used: set[str], path: Pat
     return first
 
 
+def _check_attn_resolutions(attn: list[int], model: AugVAE, state: dict[str, Tensor], path: Path) -> None:
+    """The official code names its quantized grids in ``attn_resolutions``; check them.
+
+    An ML lists its levels' grids, finest first. An SL is finetuned from
+    ``load_from_checkpoint(ML)`` and ``setup_finetune`` never touches the list, so a released
+    SL file holds the **ML** list (``[64, 32, 16, 8]`` at 256 px) with ``finetune=True``; an SL
+    written by other code may list only its kept grid (``[32]``). Both forms are accepted for
+    an SL; the kept level itself follows from the weights (the SL keeps encoders ``0..k``, so it
+    quantizes level ``k``). An empty list says nothing and is accepted."""
+    if not attn:
+        return
+    cfg = model.cfg
+    finest = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
+    ml_grids = [finest >> lvl for lvl in range(cfg.num_levels)]
+    if cfg.variant == "ml":
+        if attn != ml_grids:
+            raise ValueError(
+                f"{path}: attn_resolutions {attn} do not match the quantized grids {ml_grids} "
+                f"of an ML with {cfg.num_levels} levels at resolution {cfg.resolution}"
+            )
+        return
+    encoders = {int(m.group(1)) for k in state if (m := re.match(r"encoders\.(\d+)\.", k))}
+    kept = max(encoders, default=-1)
+    if kept < 0 or [kept] != model.levels:
+        raise ValueError(
+            f"{path}: the SL weights hold encoders {sorted(encoders)}, but lverse's SL keeps "
+            f"encoders 0..{model.levels[0]} and quantizes level {model.levels[0]}"
+        )
+    sl_grids = [h for h, _ in model.token_grids]
+    if attn not in (ml_grids, sl_grids):
+        raise ValueError(
+            f"{path}: attn_resolutions {attn} fit neither the ML grid list {ml_grids} (what the "
+            f"official finetuning leaves in a released SL) nor the SL's kept grid {sl_grids} at "
+            f"resolution {cfg.resolution}"
+        )
+
+
 def convert_official(path: str | Path, variant: str | None = None) -> AugVAE:
     """Build an lverse :class:`AugVAE` holding the weights of an official checkpoint.
 
@@ -153,18 +190,9 @@ def convert_official(path: str | Path, variant: str | None = None) -> AugVAE:
     num_levels = len(level_ids)
     if level_ids != list(range(num_levels)) or num_levels < 1:
         raise ValueError(f"{path}: expected pre_quants.0..N-1, found levels {level_ids}")
-    attn = list(args.get("attn_resolutions", []))
     cfg = _config_from_args(args, variant, num_levels, path)
     model = AugVAE(cfg)
-    if variant == "ml" and attn and len(attn) != num_levels:
-        raise ValueError(
-            f"{path}: attn_resolutions {attn} name {len(attn)} levels but the weights hold {num_levels}"
-        )
-    if attn and [h for h, _ in model.token_grids] != attn:
-        raise ValueError(
-            f"{path}: attn_resolutions {attn} do not match the quantized grids "
-            f"{[h for h, _ in model.token_grids]} of {variant.upper()} at resolution {cfg.resolution}"
-        )
+    _check_attn_resolutions(list(args.get("attn_resolutions", [])), model, state, path)
 
     used: set[str] = set()
     L = num_levels

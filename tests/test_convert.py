@@ -107,3 +107,30 @@ def test_unmapped_or_misshapen_key_is_named(tmp_path: Path) -> None:
     sd = dict(ckpt["state_dict"], **{"loss.perceptual.net.0.weight": torch.zeros(3)})
     torch.save(dict(ckpt, state_dict=sd), tmp_path / "loss.ckpt")
     assert convert_official(tmp_path / "loss.ckpt").cfg.variant == "ml"
+
+
+def _with_attn(src: Path, attn: list[int], dst: Path) -> Path:
+    """A copy of an official checkpoint whose Namespace names other ``attn_resolutions``."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**dict(vars(ckpt["hyper_parameters"]["args"]), attn_resolutions=attn))
+    torch.save(dict(ckpt, hyper_parameters=dict(ckpt["hyper_parameters"], args=args)), dst)
+    return dst
+
+
+def test_sl_attn_resolutions_in_either_released_form(io: dict, tmp_path: Path) -> None:
+    # the golden SL carries the ML list, as the official finetuning leaves it
+    _, hp = load_official_checkpoint(GOLDEN / "augvae_sl.ckpt")
+    assert hp["args"]["attn_resolutions"] == [16, 8, 4, 2] and hp["args"]["finetune"] is True
+    # the SL-only form (the kept grid alone) converts to the very same model
+    sl_only = convert_official(_with_attn(GOLDEN / "augvae_sl.ckpt", [8], tmp_path / "sl8.ckpt"))
+    assert sl_only.levels == [1] and sl_only.token_grids == [(8, 8)]
+    assert torch.equal(sl_only.encode(io["input"]), io["sl_tokens"])
+    # lists that fit neither form are refused, naming the file and both accepted forms
+    for bad in ([16], [16, 8], [16, 8, 4, 2, 1], [32, 16, 8, 4]):
+        with pytest.raises(ValueError, match=r"bad\.ckpt: attn_resolutions .* fit neither the ML "
+                                             r"grid list \[16, 8, 4, 2\] .* kept grid \[8\]"):
+            convert_official(_with_attn(GOLDEN / "augvae_sl.ckpt", bad, tmp_path / "bad.ckpt"))
+    # an ML must list exactly its own grids
+    with pytest.raises(ValueError, match=r"ml8\.ckpt: attn_resolutions \[8\] do not match .* \[16, 8, 4, 2\]"):
+        convert_official(_with_attn(GOLDEN / "augvae_ml.ckpt", [8], tmp_path / "ml8.ckpt"))
