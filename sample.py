@@ -1,14 +1,5 @@
 #!/usr/bin/env python
-"""Sample from L-Verse: ``--text "..."`` makes images, ``--image x.jpg`` makes captions.
+"""Sampling: ``python sample.py --text "..."`` makes images, ``--image x.jpg`` captions (= ``lverse sample``)."""
+from lverse.cli.sample import main
 
-    python sample.py --text "a red circle above a blue square" --candidates 64 --keep 4
-    python sample.py --image photos/ --rerank cycle
-
-All logic lives in :mod:`lverse.cli_sample`; ``python sample.py --help`` lists the options.
-"""
-import sys
-
-from lverse.cli_sample import main
-
-if __name__ == "__main__":
-    sys.exit(main())
+raise SystemExit(main())

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lverse.data.shapes import ShapesDataset
-from lverse.pipeline import LVersePipeline
-from lverse.rerank import conditional_logprob
+from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.rerank import conditional_logprob
+from lverse.shapes.scenes import ShapesDataset
 
 
 def nll(pipe: LVersePipeline, captions: list[str], codes: torch.Tensor, batch_size: int) -> dict[str, float]:

@@ -21,8 +21,8 @@ import time
 import torch
 
 from lverse.config import load_config
+from lverse.inference.pipeline import resolve_device
 from lverse.models.biart import BiART, sequence_nll
-from lverse.pipeline import resolve_device
 from lverse.train.stage2 import Stage2Config
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -4,8 +4,8 @@ import json
 import random
 import time
 
-from lverse.data.shapes import render, sample_scene
-from lverse.eval.shapes import read_image, read_images
+from lverse.shapes.judge import read_image, read_images
+from lverse.shapes.scenes import render, sample_scene
 
 rng = random.Random(6)
 images = [render(sample_scene(rng, max_objects=2)) for _ in range(500)]

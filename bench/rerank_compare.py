@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from lverse.eval.benchmark import CANDIDATES, DIRECTIONS, parse_directions, rescore_candidates, run_benchmark
-from lverse.pipeline import LVersePipeline, resolve_device
-from lverse.rerank import ClipReranker
+from lverse.inference.pipeline import LVersePipeline, resolve_device
+from lverse.inference.rerank import ClipReranker
+from lverse.shapes.benchmark import CANDIDATES, DIRECTIONS, parse_directions, rescore_candidates, run_benchmark
 
 
 def build_cache(args: argparse.Namespace, directions: list[str]) -> dict:

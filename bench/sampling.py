@@ -26,9 +26,9 @@ import time
 
 import torch
 
+from lverse.inference.pipeline import PRECISIONS, resolve_device
+from lverse.inference.sampling import SamplingParams, decode, image_part
 from lverse.models.biart import BiART, BiARTConfig
-from lverse.pipeline import PRECISIONS, resolve_device
-from lverse.sampling import SamplingParams, decode, image_part
 
 
 def _sync(device: torch.device) -> None:

@@ -19,10 +19,11 @@ import collections
 
 import torch
 
-from lverse.data.shapes import COLOURS, Scene, ShapeObject, ShapesDataset
-from lverse.eval.shapes import match, read_images
-from lverse.pipeline import LVersePipeline
-from lverse.sampling import generate_images
+from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.sampling import generate_images
+from lverse.shapes.judge import read_images
+from lverse.shapes.parse import match
+from lverse.shapes.scenes import COLOURS, Scene, ShapeObject, ShapesDataset
 
 ATTRS = ("colour", "shape", "size")
 OUTCOMES = ("own", "other object's", "in neither")

@@ -51,7 +51,7 @@ import regex
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from lverse.io import atomic_write_text
+from lverse.files import atomic_write_text
 
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"

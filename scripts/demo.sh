@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: sets up the environment on a fresh machine, then runs the Shapes demo on the CPU.
 #   bash scripts/demo.sh                 sample both directions from checkpoints/shapes
-#                                        (extra arguments go to `python -m lverse.demo`)
+#                                        (extra arguments go to `lverse demo`)
 #   bash scripts/demo.sh --recipe        the full Shapes training run (scripts/shapes/train_all.sh,
 #                                        ~44 min on 2 CPU cores) into runs/, bundled into
 #                                        $OUT (default runs/shapes_bundle, so the shipped
@@ -13,6 +13,6 @@ if [ "${1:-}" = "--recipe" ]; then
   shift
   export OUT="${OUT:-runs/shapes_bundle}"
   bash "$here/shapes/train_all.sh"
-  exec python -m lverse.demo --checkpoint "$OUT" "$@"
+  exec lverse demo --checkpoint "$OUT" "$@"
 fi
-exec python -m lverse.demo "$@"
+exec lverse demo "$@"

@@ -9,8 +9,6 @@ import torch
 from lverse.config import to_dict
 from lverse.models.augvae import AugVAE, AugVAEConfig, ml_to_sl
 
-
-
 TINY = dict(
     resolution=16, hidden_dim=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,
     num_levels=3, codebook_size=16, codebook_dim=8,

@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from lverse.eval.benchmark import (
-    CARD_BEGIN, CARD_END, _Tally, main, markdown_table, run_benchmark, target_results, update_model_card,
+from lverse.cli.shapes import benchmark as main
+from lverse.shapes.benchmark import (
+    CARD_BEGIN,
+    CARD_END,
+    _Tally,
+    markdown_table,
+    run_benchmark,
+    target_results,
+    update_model_card,
 )
 
 

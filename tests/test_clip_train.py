@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lverse.clip_train import (
+from lverse.cli.shapes import train_clip as main
+from lverse.config import ConfigError, from_dict
+from lverse.shapes.clip_train import (
     CLIP_BPE_VOCAB,
     IMAGE_NEGATIVE_KINDS,
     NEGATIVE_KINDS,
@@ -27,15 +29,13 @@ from lverse.clip_train import (
     fit_clip,
     hard_negatives,
     load_clip,
-    main,
     make_batch,
     perturb,
     save_run,
     scene_key,
     shapes_words,
 )
-from lverse.config import ConfigError, from_dict
-from lverse.data.shapes import HELDOUT_PAIRS, INVERSE, Scene, ShapeObject, ShapesDataset, phrasings
+from lverse.shapes.scenes import HELDOUT_PAIRS, INVERSE, Scene, ShapeObject, ShapesDataset, phrasings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -222,7 +222,7 @@ def test_contrastive_loss_matches_open_clip_and_masks_false_negatives() -> None:
 
 
 def test_hard_negative_loss_is_a_softmax_over_own_negatives() -> None:
-    from lverse.clip_train import hard_negative_loss
+    from lverse.shapes.clip_train import hard_negative_loss
 
     torch.manual_seed(1)
     img = F.normalize(torch.randn(3, 8), dim=-1)
@@ -238,7 +238,7 @@ def test_hard_negative_loss_is_a_softmax_over_own_negatives() -> None:
 
 
 def test_text_text_loss_matches_reference() -> None:
-    from lverse.clip_train import text_text_loss
+    from lverse.shapes.clip_train import text_text_loss
 
     torch.manual_seed(2)
     B = 4
@@ -321,8 +321,8 @@ def test_tiny_training_learns_and_round_trips(tmp_path: Path) -> None:
         assert torch.equal(model.logit_scale, run.model.logit_scale)
 
     # The reranker reads the same files and feeds the model exactly the [-1, 1] images.
-    from lverse.pipeline import load_clip as pipeline_load_clip
-    from lverse.rerank import ClipReranker
+    from lverse.inference.clip import load_clip as pipeline_load_clip
+    from lverse.inference.rerank import ClipReranker
 
     pmodel, _ = pipeline_load_clip(root / "clip.safetensors")
     rr = ClipReranker(pmodel)

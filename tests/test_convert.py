@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lverse.convert import convert_official, load_official_checkpoint, main
+from lverse.cli.convert import main
+from lverse.convert import convert_official, load_official_checkpoint
 from lverse.models.augvae import AugVAE
 
 # $LVERSE_GOLDEN_DIR, else a copy inside the repo, else the shared reference directory

@@ -20,18 +20,15 @@ from lverse.data import (
     ConceptualCaptionsDataset,
     ImageFolderDataset,
     ImageTransform,
-    ShapesCaptionDataset,
-    ShapesDataset,
     TarCaptionDataset,
     TarShardDataset,
     build_caption_dataset,
     build_image_dataset,
     collate_skip_none,
-    phrasings,
     to_rgb,
     write_tar_shards,
 )
-from lverse.data.shapes import Scene
+from lverse.shapes.scenes import Scene, ShapesCaptionDataset, ShapesDataset, phrasings
 
 R = 16
 
@@ -369,9 +366,9 @@ def test_shapes_captions_and_registry(tmp_path: Path) -> None:
 
     assert isinstance(build_image_dataset("shapes", size=3), ShapesDataset)
     assert isinstance(build_image_dataset("tar", root=tmp_path, resolution=8, train=True), TarShardDataset)
-    with pytest.raises(ValueError, match="valid kinds: shapes, folder, tar"):
+    with pytest.raises(ValueError, match="valid kinds: folder, tar, shapes"):
         build_image_dataset("imagenet")
-    with pytest.raises(ValueError, match="valid kinds: shapes, coco, cc, folder, tar"):
+    with pytest.raises(ValueError, match="valid kinds: coco, cc, folder, tar, shapes"):
         build_caption_dataset("laion")
     with pytest.raises(TypeError, match="ShapesDataset"):
         build_image_dataset("shapes", resolutoin=32)

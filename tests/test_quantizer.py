@@ -15,8 +15,6 @@ import torch.nn as nn
 from lverse.models.quantizer import EMAVectorQuantizer
 
 
-
-
 def _small_quantizer(**kw: float) -> EMAVectorQuantizer:
     q = EMAVectorQuantizer(num_codes=3, dim=2, decay=0.5, eps=0.1, beta=0.25, **kw)
     q.embedding.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
@@ -206,7 +204,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "restarted": torch.tensor(stats["restarted_codes"]),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # tear gloo down together (see lverse.train.dist.cleanup)
+        dist.barrier()  # tear gloo down together (see lverse.dist.cleanup)
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""Rerankers (lverse.rerank): cycle scores against a plain full-forward reference, a tiny trained
+"""Rerankers (lverse.inference.rerank): cycle scores against a plain full-forward reference, a tiny trained
 BiART ranking true pairs first, the CLIP reranker on a tiny random open_clip, z-score fusion."""
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lverse.models.biart import BiART, BiARTConfig
-from lverse.rerank import (
+from lverse.inference.rerank import (
     ClipReranker,
     CycleReranker,
     combine_scores,
@@ -15,9 +14,7 @@ from lverse.rerank import (
     resolve_reranker,
     zscore,
 )
-
-
-
+from lverse.models.biart import BiART, BiARTConfig
 
 TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=32)
 
@@ -133,7 +130,7 @@ CLIP_CFG = dict(
 
 @pytest.fixture(scope="module")
 def tiny_clip() -> torch.nn.Module:
-    from lverse.pipeline import build_open_clip
+    from lverse.inference.clip import build_open_clip
 
     torch.manual_seed(0)
     return build_open_clip(CLIP_CFG).eval()
@@ -164,7 +161,7 @@ def test_clip_scores_shapes_batching_and_cosine(tiny_clip: torch.nn.Module) -> N
 
 
 def test_clip_file_roundtrip_and_missing_weights(tmp_path, tiny_clip: torch.nn.Module) -> None:
-    from lverse.pipeline import load_clip, save_clip
+    from lverse.inference.clip import load_clip, save_clip
 
     path = save_clip(tmp_path, tiny_clip, CLIP_CFG, model_name="tiny")
     assert path.name == "clip.safetensors" and path.with_suffix(".json").is_file()

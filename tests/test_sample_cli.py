@@ -1,4 +1,4 @@
-"""sample.py (lverse.cli_sample) and the inference bundle (lverse.pipeline), on a tiny random
+"""sample.py (lverse.cli.sample) and the inference bundle (lverse.inference.pipeline), on a tiny random
 pipeline written to a temporary directory: outputs, JSON content, reproducibility, image
 preprocessing, and one-line errors for bad input."""
 from __future__ import annotations
@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lverse.cli_sample import main
+from lverse.cli.sample import main
+from lverse.data.images import read_image as load_image
+from lverse.inference.clip import save_clip
+from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.rerank import combine_scores
 from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.models.biart import BiART, BiARTConfig
-from lverse.pipeline import LVersePipeline, load_image, save_clip
-from lverse.rerank import combine_scores
 from lverse.tokenizer import TextTokenizer
 
 CAPTIONS = [
@@ -40,7 +42,7 @@ def _build(root: Path, text_len: int = 8, with_clip: bool = False) -> Path:
                               image_len=vae.tokens_per_image, n_layer=1, n_head=2, n_embd=32))
     pipe = LVersePipeline(vae, biart, tok)
     if with_clip:
-        from lverse.pipeline import build_open_clip
+        from lverse.inference.clip import build_open_clip
 
         pipe.set_clip(build_open_clip(CLIP_CFG), CLIP_CFG, "tiny")
     pipe.save(root)
@@ -275,7 +277,7 @@ def test_error_clip_missing(ckpt: Path, tmp_path: Path, capsys) -> None:
 
 def test_clip_weights_file_from_cli(ckpt: Path, tmp_path: Path) -> None:
     """--clip-weights may name a clip.safetensors (with clip.json) for a checkpoint without CLIP."""
-    from lverse.pipeline import build_open_clip
+    from lverse.inference.clip import build_open_clip
 
     torch.manual_seed(0)
     path = save_clip(tmp_path / "clipdir", build_open_clip(CLIP_CFG), CLIP_CFG)
@@ -286,7 +288,7 @@ def test_clip_weights_file_from_cli(ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_default_checkpoint_from_environment(ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from lverse.pipeline import default_checkpoint_dir
+    from lverse.inference.pipeline import default_checkpoint_dir
 
     monkeypatch.delenv("LVERSE_CHECKPOINT", raising=False)
     assert default_checkpoint_dir().parts[-2:] == ("checkpoints", "shapes")
@@ -361,7 +363,7 @@ def test_image_temperature_from_sampling_json_and_flag(ckpt: Path, images: Path,
 
 
 def test_bundle_cli_writes_sampling_json_and_warns_without_caption_dropout(ckpt: Path, tmp_path: Path, capsys) -> None:
-    from lverse.bundle import main as bundle_main
+    from lverse.cli.bundle import main as bundle_main
 
     run = tmp_path / "biart_run"
     run.mkdir()

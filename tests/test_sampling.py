@@ -1,4 +1,4 @@
-"""Decoding (lverse.sampling): cached == uncached, masks, filters, seeds, prefill/chunking,
+"""Decoding (lverse.inference.sampling): cached == uncached, masks, filters, seeds, prefill/chunking,
 caption post-processing. Tiny random BiARTs on CPU."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lverse.models.biart import BiART, BiARTConfig
-from lverse.sampling import (
+from lverse.inference.sampling import (
     SamplingParams,
     TargetPart,
     caption_token_ids,
@@ -23,6 +22,7 @@ from lverse.sampling import (
     sample_from_logits,
     truncate_caption,
 )
+from lverse.models.biart import BiART, BiARTConfig
 
 TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=32)
 EOT = 39  # a tokenizer id used as <end_of_text> in these tests

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lverse.data import collate_skip_none
-from lverse.data.shapes import (
+from lverse.shapes.scenes import (
     ALL_PAIRS,
     BACKGROUND,
     COLOURS,

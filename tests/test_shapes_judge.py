@@ -10,7 +10,19 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from lverse.data.shapes import (
+from lverse.shapes.judge import (
+    ATTRIBUTES,
+    ObjectReading,
+    _placement,
+    attribute_scores,
+    judge_pairs,
+    judge_scenes,
+    read_image,
+    read_image_detailed,
+    read_images,
+)
+from lverse.shapes.parse import ParseError, canonical_layout, match, parse_caption, scene_key, try_parse_caption
+from lverse.shapes.scenes import (
     COLOURS,
     INVERSE,
     POS_WORDS,
@@ -23,23 +35,6 @@ from lverse.data.shapes import (
     phrasings,
     render,
     sample_scene,
-)
-from lverse.eval.shapes import (
-    ATTRIBUTES,
-    ObjectReading,
-    ParseError,
-    _placement,
-    attribute_scores,
-    canonical_layout,
-    judge_pairs,
-    judge_scenes,
-    match,
-    parse_caption,
-    read_image,
-    read_image_detailed,
-    read_images,
-    scene_key,
-    try_parse_caption,
 )
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lverse.data.shapes import ShapesDataset
-from lverse.eval.shapes import match, read_images, try_parse_caption
-from lverse.pipeline import LVersePipeline
-from lverse.sampling import generate_captions, generate_images
+from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.sampling import generate_captions, generate_images
+from lverse.shapes.judge import read_images
+from lverse.shapes.parse import match, try_parse_caption
+from lverse.shapes.scenes import ShapesDataset
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes"
 pytestmark = pytest.mark.skipif(not (CKPT / "biart.safetensors").is_file(), reason="no shipped checkpoints")
@@ -34,7 +35,7 @@ def shipped() -> tuple[LVersePipeline, list[dict]]:
 
 
 def test_demo_runs_on_shipped_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lverse.demo import main
+    from lverse.cli.shapes import demo as main
 
     assert main(["--checkpoint", str(CKPT), "--out", str(tmp_path), "--n", "3", "--candidates", "2"]) == 0
     summary = json.loads((tmp_path / "demo.json").read_text())
@@ -70,8 +71,8 @@ def test_shipped_biart_captions_and_draws_test_scenes(shipped: tuple[LVersePipel
 def test_rescoring_kept_candidates_gives_the_benchmarks_figures(shipped: tuple[LVersePipeline, list[dict]]) -> None:
     """bench/rerank_compare.py's premise: candidates kept by the benchmark, re-scored with the
     bundle's own CLIP, give the report's figures back (every reranker, the oracle, the AUCs)."""
-    from lverse.eval.benchmark import DIRECTIONS, RERANKERS, rescore_candidates, run_benchmark
-    from lverse.rerank import ClipReranker
+    from lverse.inference.rerank import ClipReranker
+    from lverse.shapes.benchmark import DIRECTIONS, RERANKERS, rescore_candidates, run_benchmark
 
     pipe, _ = shipped
     cands: dict = {}

@@ -13,14 +13,16 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+import lverse.shapes  # noqa: F401  (registers data.kind=shapes, also in spawned workers)
+from lverse.cli.train import train_augvae as stage1_main
 from lverse.config import ConfigError, from_dict
+from lverse.dist import cleanup
+from lverse.files import resolve_weights
 from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.train.checkpoint import CheckpointManager
-from lverse.train.dist import cleanup
 from lverse.train.logger import read_metrics
 from lverse.train.loop import Trainer
-from lverse.train.stage1 import Stage1Config, Stage1Task, describe, flat_cells, resolve_weights, swap_flat_cells
-from lverse.train.stage1 import main as stage1_main
+from lverse.train.stage1 import Stage1Config, Stage1Task, describe, flat_cells, swap_flat_cells
 
 TINY_MODEL = dict(resolution=32, hidden_dim=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=8,
                   codebook_size=32, codebook_dim=8)

@@ -9,18 +9,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import lverse.shapes  # noqa: F401  (registers data.kind=shapes, also in spawned workers)
+from lverse.cli.train import train_biart as stage2_main
 from lverse.config import ConfigError, from_dict
+from lverse.data.encode import build_corpus, encode_corpus
 from lverse.data.tokens import TokenDataset, read_meta
-from lverse.encode import build_corpus, encode_corpus
-from lverse.io import load_weights
+from lverse.dist import cleanup
+from lverse.files import load_weights
 from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.models.biart import BiART
 from lverse.tokenizer import TextTokenizer
-from lverse.train.dist import cleanup
 from lverse.train.logger import read_metrics
 from lverse.train.loop import Trainer
 from lverse.train.stage2 import Stage2Config, Stage2Task
-from lverse.train.stage2 import main as stage2_main
 
 
 def tiny_sl() -> AugVAE:
@@ -199,7 +200,7 @@ def test_cli_tears_the_process_group_down_after_a_finished_run_only(
     a failed one does not, since a peer rank may already be gone and the barrier would hang."""
     import yaml
 
-    import lverse.train.cli as cli
+    import lverse.cli.train as cli
     from lverse.config import to_dict
 
     calls: list[int] = []
@@ -217,7 +218,7 @@ def test_encode_cli_writes_tokens_and_leaves_the_process_group(tmp_path: Path, m
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    import lverse.encode as enc
+    import lverse.cli.encode as enc
 
     calls: list[int] = []
     monkeypatch.setattr(enc, "cleanup", lambda: calls.append(1))

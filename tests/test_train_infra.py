@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lverse.config import ConfigError, dump_yaml, from_dict, load_config, parse_overrides
-from lverse.io import load_weights, save_weights
+from lverse.files import load_weights, save_weights
 from lverse.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from lverse.train.loop import TrainConfig
 from lverse.train.precision import FP16O2, build_precision

@@ -32,7 +32,6 @@ from lverse.data.images import (
     load_image,
     split_key,
 )
-from lverse.data.shapes import Scene, ShapesDataset, phrasings
 
 
 def _clean(captions: Sequence[Any]) -> tuple[list[str], int]:
@@ -229,54 +228,9 @@ class TarCaptionDataset(TarShardDataset):
         return {"image": image, "captions": captions, "key": key}
 
 
-class ShapesCaptionDataset(Dataset):
-    """The Shapes dataset as a caption corpus: every phrasing of the scene is a caption.
-
-    Items add ``"scene"`` (the structured description) and ``"heldout"`` to the common keys.
-    """
-
-    def __init__(
-        self,
-        split: str = "train",
-        size: int = 10_000,
-        seed: int = 0,
-        resolution: int = 64,
-        max_objects: int = 2,
-        holdout: bool = True,
-        load_images: bool = True,
-    ) -> None:
-        self.shapes = ShapesDataset(split, size, seed, resolution, max_objects, holdout)
-        self.load_images = load_images
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def skip_summary(self) -> dict[str, int]:
-        return {}  # procedural: nothing can be bad
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, _ = split_key(key)
-        if self.load_images:
-            item = self.shapes[index]
-            scene_dict, image = item["scene"], item["image"]
-            index = item["index"]
-        else:
-            index = self.shapes._check(index)
-            scene_dict, image = self.shapes.scene(index).to_dict(), None
-        scene = Scene.from_dict(scene_dict)
-        return {
-            "image": image,
-            "captions": phrasings(scene),
-            "key": f"shapes/{self.shapes.split}/{index}",
-            "scene": scene_dict,
-            "heldout": scene.heldout,
-        }
-
-
 __all__ = [
     "CocoKarpathyDataset",
     "ConceptualCaptionsDataset",
     "CaptionFolderDataset",
     "TarCaptionDataset",
-    "ShapesCaptionDataset",
 ]

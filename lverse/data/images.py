@@ -184,6 +184,25 @@ class ImageTransform:
         return pil_to_tensor(out)
 
 
+def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    """An image file as the AugVAE sees it at evaluation: ``(3, R, R)`` in [-1, 1].
+
+    The one path from a file to pixels for encoding, sampling and evaluation: :func:`load_image`
+    (any PIL mode, EXIF rotation) then the centre-crop :class:`ImageTransform`. A missing file
+    is a ``FileNotFoundError``, an unreadable one a ``ValueError``; both name the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        img = load_image(path)
+        if img.width < 1 or img.height < 1:
+            raise ValueError("empty image")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return ImageTransform(resolution, train=False)(img)
+
+
 def access_generator(dataset_seed: int, index: int, access_seed: int | None) -> torch.Generator | None:
     """Generator for one access, or ``None`` (global RNG) when no access seed was given."""
     if access_seed is None:

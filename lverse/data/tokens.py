@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io import atomic_write_text
+from lverse.files import atomic_write_text
 
 META = "meta.json"
 

@@ -17,7 +17,7 @@ Building blocks follow taming-transformers' Encoder/Decoder without attention: r
 GroupNorm(32, eps 1e-6) → SiLU → conv3×3 → GroupNorm → SiLU → dropout → conv3×3 (+ 1×1 shortcut
 when the width changes), downsample = pad right/bottom by one + conv3×3 stride 2, upsample =
 nearest ×2 + conv3×3. Module names mirror the official checkpoints so the converter
-(:mod:`lverse.convert`) is a near-identity mapping.
+(:mod:`lverse.convert.official_augvae`) is a near-identity mapping.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lverse.config import from_dict, to_dict
-from lverse.io import load_weights, save_weights
+from lverse.files import load_weights, save_weights
 from lverse.models.quantizer import EMAVectorQuantizer
 
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lverse.config import from_dict, to_dict
-from lverse.io import load_weights, save_weights
+from lverse.files import load_weights, save_weights
 from lverse.vocab import VocabLayout
 
 REF = 0  # segment id: conditional reference (the given text or image)

@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
 RESTART_FROM = ("random", "error")  # how dead codes are re-initialised (see EMAVectorQuantizer)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_write_text, load_weights, save_weights
+from lverse.files import atomic_write_text, load_weights, save_weights
 
 
 def _np_state_to_plain(st: tuple) -> tuple:

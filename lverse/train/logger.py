@@ -9,29 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Image:
-    """(N,3,H,W) in [-1,1] → one PIL grid image (white padding)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    nrow = max(1, min(nrow, n))
-    rows = -(-n // nrow)
-    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, y0 : y0 + h, x0 : x0 + w] = x[i]
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_uint8_grid(images, nrow).save(path)
-    return path
+from lverse.files import save_grid
 
 
 class RunLogger:
@@ -65,7 +47,7 @@ class RunLogger:
             return None
         path = save_grid(images, self.dir / "images" / f"{name}_{step:07d}.png", nrow)
         if self.writer is not None:
-            grid = torch.from_numpy(__import__("numpy").asarray(Image.open(path))).permute(2, 0, 1)
+            grid = torch.from_numpy(np.asarray(Image.open(path))).permute(2, 0, 1)
             self.writer.add_image(name, grid, step)
         return path
 

@@ -27,15 +27,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..config import ConfigError, dump_yaml
-from ..io import atomic_write_text, save_weights
-from .average import AVERAGES, WeightAverage
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
-from .logger import RunLogger
-from .precision import build_precision
-from .sampler import ResumableSampler
-from .schedule import PlateauHalving
+from lverse.config import ConfigError, dump_yaml
+from lverse.dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
+from lverse.files import atomic_write_text, save_weights
+from lverse.train.average import AVERAGES, WeightAverage
+from lverse.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from lverse.train.logger import RunLogger
+from lverse.train.precision import build_precision
+from lverse.train.sampler import ResumableSampler
+from lverse.train.schedule import PlateauHalving
 
 
 @dataclass

@@ -216,7 +216,7 @@ class FP16O2(Precision):
             found = torch.maximum(found, (~torch.isfinite(g)).any().float())
             m.grad = g
             p.grad = None
-        from .dist import any_rank  # FSDP/sharded grads may overflow on one rank only
+        from lverse.dist import any_rank  # FSDP/sharded grads may overflow on one rank only
 
         return any_rank(bool(found.item()), self.device)
 

@@ -6,20 +6,19 @@ commitment term; the codebook itself moves by EMA, not by gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, to_dict
-from ..data import build_image_dataset
-from ..models.augvae import AugVAE, AugVAEConfig, ml_to_sl
-from ..models.quantizer import RESTART_FROM
-from ..perceptual import build_lpips
-from .cli import run_stage
-from .loop import Task, TrainConfig
+from lverse.config import ConfigError, to_dict
+from lverse.data import build_image_dataset
+from lverse.files import resolve_weights
+from lverse.models.augvae import AugVAE, AugVAEConfig, ml_to_sl
+from lverse.models.lpips import build_lpips
+from lverse.models.quantizer import RESTART_FROM
+from lverse.train.loop import Task, TrainConfig
 
 
 @dataclass
@@ -59,21 +58,6 @@ class Stage1Config:
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(name="augvae"))
-
-
-def resolve_weights(path: str | Path) -> Path:
-    """A weights file, or a run directory (its exported model, else its latest checkpoint)."""
-    p = Path(path)
-    if p.is_dir():
-        for cand in (p / "model.safetensors", p / "checkpoints" / "latest"):
-            if cand.name == "latest" and cand.is_file():
-                return p / "checkpoints" / cand.read_text().strip() / "model.safetensors"
-            if cand.is_file():
-                return cand
-        raise FileNotFoundError(f"{p}: no model.safetensors and no checkpoints/latest in this run directory")
-    if not p.is_file():
-        raise FileNotFoundError(f"weights not found: {p}")
-    return p
 
 
 def flat_cells(images: torch.Tensor, grid: tuple[int, int], tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,8 +239,3 @@ def describe(cfg: AugVAEConfig) -> dict[str, Any]:
         "tokens_per_image": model.tokens_per_image,
         "codebook": [cfg.codebook_size, cfg.codebook_dim],
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, "Train AugVAE-ML (stage 1a) or finetune AugVAE-SL (stage 1b).", Stage1Config, Stage1Task,
-                     lambda cfg: describe(cfg.model))

@@ -16,13 +16,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import ConfigError, to_dict
-from ..data.tokens import TokenDataset
-from ..models.biart import BiART, BiARTConfig
-from ..tokenizer import TextTokenizer
-from .cli import run_stage
-from .loop import Task, TrainConfig
-from .stage1 import resolve_weights
+from lverse.config import ConfigError, to_dict
+from lverse.data.tokens import TokenDataset
+from lverse.files import resolve_weights
+from lverse.models.biart import BiART, BiARTConfig
+from lverse.tokenizer import TextTokenizer
+from lverse.train.loop import Task, TrainConfig
 
 DIRECTIONS = ("alternate", "mixed", "t2i", "i2t")
 
@@ -145,7 +144,7 @@ class Stage2Task(Task):
         else:
             idx, seg = self.model.build_sequence(text, codes, direction)  # type: ignore[arg-type]
             parts = [(direction, (idx, seg))]
-        from ..models.biart import sequence_nll
+        from lverse.models.biart import sequence_nll
 
         with autocast():
             logits = model(idx, seg)
@@ -177,10 +176,3 @@ class Stage2Task(Task):
 
     def extra_files(self) -> dict[str, str]:
         return {"tokenizer.json": self.tokenizer.to_str()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..models.biart import describe
-
-    return run_stage(argv, "Train BiART (stage 2) on token shards from `lverse encode`.", Stage2Config, Stage2Task,
-                     lambda cfg: describe(cfg.model))

@@ -70,9 +70,9 @@ if [ "$ON_GPU" = 1 ]; then ENCODE_BATCH=64; else ENCODE_BATCH=8; fi
   --out "$RUNS/shapes_tokens" --num-workers 0 --device "$DEVICE" --batch-size "$ENCODE_BATCH"
 stamp "tokenizer + encoding"
 train_stage train_biart.py configs/shapes_biart.yaml "$RUNS/shapes_biart" "data.tokens=[$RUNS/shapes_tokens]" data.tokenizer="$RUNS/shapes_tokenizer.json"; stamp "stage 2 (BiART)"
-[ -f "$RUNS/shapes_clip/clip.safetensors" ] || python -m lverse.clip_train --config configs/shapes_clip.yaml train.run_dir="$RUNS/shapes_clip" \
+[ -f "$RUNS/shapes_clip/clip.safetensors" ] || lverse train-clip --config configs/shapes_clip.yaml train.run_dir="$RUNS/shapes_clip" \
   train.threads="$THREADS"
 stamp "CLIP"
-python -m lverse.bundle --augvae "$RUNS/shapes_augvae_sl_dec" --biart "$RUNS/shapes_biart" --clip "$RUNS/shapes_clip/clip.safetensors" --out "$OUT"
-python bench/shapes_eval.py --checkpoint "$OUT" --n "$EVAL_N" --candidates "$EVAL_CANDIDATES" --out "$OUT"
+lverse bundle --augvae "$RUNS/shapes_augvae_sl_dec" --biart "$RUNS/shapes_biart" --clip "$RUNS/shapes_clip/clip.safetensors" --out "$OUT"
+lverse benchmark --checkpoint "$OUT" --n "$EVAL_N" --candidates "$EVAL_CANDIDATES" --out "$OUT"
 stamp "bundle + benchmark"

@@ -64,10 +64,10 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+
+from lverse.data.images import pil_to_tensor, split_key
 
 # --- vocabulary ---------------------------------------------------------------------------
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
@@ -316,22 +316,8 @@ def render(scene: Scene, resolution: int = 64) -> Image.Image:
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 RGB PIL image → float tensor 3×H×W in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
 # --- dataset ----------------------------------------------------------------------------------
 SPLITS = ("train", "test")
-
-
-def _split_index(key: int | tuple[int, int]) -> tuple[int, int | None]:
-    if isinstance(key, tuple):
-        if len(key) != 2:
-            raise TypeError(f"dataset key must be an int or (index, seed), got {key!r}")
-        return int(key[0]), int(key[1])
-    return int(key), None
 
 
 class ShapesDataset(Dataset):
@@ -385,15 +371,59 @@ class ShapesDataset(Dataset):
         return sample_scene(rng, self.max_objects, self.min_objects, self.pairs)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, access_seed = _split_index(key)
+        index, access_seed = split_key(key)
         index = self._check(index)
         scene = self.scene(index)
         tag = "fixed" if access_seed is None else f"access/{access_seed}"
         text = caption(scene, random.Random(f"lverse-shapes-caption/{self.seed}/{self.split}/{index}/{tag}"))
         return {
-            "image": image_to_tensor(render(scene, self.resolution)),
+            "image": pil_to_tensor(render(scene, self.resolution)),
             "caption": text,
             "scene": scene.to_dict(),
             "index": index,
+            "heldout": scene.heldout,
+        }
+
+
+class ShapesCaptionDataset(Dataset):
+    """The Shapes dataset as a caption corpus: every phrasing of the scene is a caption.
+
+    Items add ``"scene"`` (the structured description) and ``"heldout"`` to the common keys.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 10_000,
+        seed: int = 0,
+        resolution: int = 64,
+        max_objects: int = 2,
+        holdout: bool = True,
+        load_images: bool = True,
+    ) -> None:
+        self.shapes = ShapesDataset(split, size, seed, resolution, max_objects, holdout)
+        self.load_images = load_images
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def skip_summary(self) -> dict[str, int]:
+        return {}  # procedural: nothing can be bad
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, _ = split_key(key)
+        if self.load_images:
+            item = self.shapes[index]
+            scene_dict, image = item["scene"], item["image"]
+            index = item["index"]
+        else:
+            index = self.shapes._check(index)
+            scene_dict, image = self.shapes.scene(index).to_dict(), None
+        scene = Scene.from_dict(scene_dict)
+        return {
+            "image": image,
+            "captions": phrasings(scene),
+            "key": f"shapes/{self.shapes.split}/{index}",
+            "scene": scene_dict,
             "heldout": scene.heldout,
         }

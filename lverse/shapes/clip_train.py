@@ -1,7 +1,7 @@
 """A tiny CLIP, trained contrastively on Shapes, built from open_clip's own model classes.
 
 No pretrained CLIP can be downloaded where lverse's Shapes demo runs, yet the CLIP reranker
-(:class:`lverse.rerank.ClipReranker`) should be exercised on a model that means something. So
+(:class:`lverse.inference.rerank.ClipReranker`) should be exercised on a model that means something. So
 we train one: ``open_clip.CLIP(embed_dim, vision_cfg, text_cfg)`` with a small ViT on 64×64
 images and a small causal text transformer, from a config dict only (no ``pretrained``, no
 download, ever).
@@ -45,32 +45,31 @@ Choices (and why)
 
 Files: ``RUN_DIR/clip.safetensors`` + ``clip.json`` (``{"kind": "clip", "model_name":
 "shapes-tiny-clip", "model_cfg": {...open_clip config...}, "preprocess_cfg": {...}}``, the
-format :func:`lverse.pipeline.load_clip` reads), ``config.yaml``, ``metrics.json``.
+format :func:`lverse.inference.pipeline.load_clip` reads), ``config.yaml``, ``metrics.json``.
 
-CLI: ``python -m lverse.clip_train --config configs/shapes_clip.yaml [train.max_steps=100 ...]``.
+CLI: ``lverse train-clip --config configs/shapes_clip.yaml [train.max_steps=100 ...]``.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
 import torch
-
-from lverse import clipio
-from lverse.clipio import CLIP_FILE, load_clip  # noqa: F401  (the one reader and writer of clip files)
 import torch.nn.functional as F
 from torch import nn
 
-from lverse.config import ConfigError, dump_yaml, load_config
-from lverse.data.shapes import (
+from lverse.config import ConfigError, dump_yaml
+from lverse.data.images import pil_to_tensor
+from lverse.files import atomic_write_text
+from lverse.inference import clip as clipio
+from lverse.inference.clip import CLIP_FILE, load_clip  # noqa: F401  (the one reader and writer of clip files)
+from lverse.shapes.scenes import (
     COLOURS,
     INVERSE,
     POS_WORDS,
@@ -82,11 +81,9 @@ from lverse.data.shapes import (
     Scene,
     ShapeObject,
     ShapesDataset,
-    image_to_tensor,
     phrasings,
     render,
 )
-from lverse.io import atomic_write_text
 
 MODEL_NAME = "shapes-tiny-clip"
 CLIP_BPE_VOCAB = 49408  # ids of open_clip's CLIP BPE tokenizer (incl. start/end of text)
@@ -167,7 +164,7 @@ class ClipModelConfig:
 
 @dataclass
 class ClipDataConfig:
-    """Shapes train/test splits (see :mod:`lverse.data.shapes`) and the hard negatives."""
+    """Shapes train/test splits (see :mod:`lverse.shapes.scenes`) and the hard negatives."""
 
     resolution: int = 64
     train_size: int = 50_000      # distinct training scenes; batches draw from them at random
@@ -282,7 +279,7 @@ class CachedTokenizer:
 
 
 def shapes_words() -> list[str]:
-    """Every word the Shapes caption grammar (:mod:`lverse.data.shapes`) can write."""
+    """Every word the Shapes caption grammar (:mod:`lverse.shapes.scenes`) can write."""
     phrases = [*COLOURS, *SHAPES, *SIZES, *(w for ws in REL_WORDS.values() for w in ws), *POS_WORDS.values(),
                "a", "there is", "and"]
     return sorted({w for p in phrases for w in p.split()})
@@ -519,7 +516,7 @@ def make_batch(
     iw = {k: iw_given.get(k, 0.0) if k in IMAGE_NEGATIVE_KINDS else 0.0 for k in NEGATIVE_KINDS}
     for b, i in enumerate(indices):
         scene = ds.scene(i)
-        images.append(image_to_tensor(render(scene, ds.resolution)))
+        images.append(pil_to_tensor(render(scene, ds.resolution)))
         options = phrasings(scene)
         caps.append(rng.choice(options))
         keys.append(scene_key(scene))
@@ -531,7 +528,7 @@ def make_batch(
             neg_keys.append(scene_key(neg))
             owner.append(b)
         for neg in hard_negatives(scene, neg_images, rng, iw, ds.pairs) if neg_images > 0 else []:
-            neg_imgs.append(image_to_tensor(render(neg, ds.resolution)))
+            neg_imgs.append(pil_to_tensor(render(neg, ds.resolution)))
             neg_img_owner.append(b)
     return ClipBatch(torch.stack(images), caps + neg_caps, keys + neg_keys, keys, owner, paras,
                      torch.stack(neg_imgs) if neg_imgs else None, neg_img_owner)
@@ -690,7 +687,7 @@ def evaluate_clip(
     scenes = [ds.scene(i) for i in range(len(ds))]
     img = []
     for s in range(0, len(scenes), ev.batch_size):
-        x = torch.stack([image_to_tensor(render(sc, data.resolution)) for sc in scenes[s : s + ev.batch_size]])
+        x = torch.stack([pil_to_tensor(render(sc, data.resolution)) for sc in scenes[s : s + ev.batch_size]])
         img.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
     img_f = torch.cat(img)
 
@@ -740,7 +737,7 @@ def evaluate_clip(
     img_wins: dict[str, list[float]] = {k: [] for k in IMAGE_NEGATIVE_KINDS}
     if neg_scenes:
         neg_f = torch.cat([
-            F.normalize(model.encode_image(torch.stack([image_to_tensor(render(n, data.resolution))
+            F.normalize(model.encode_image(torch.stack([pil_to_tensor(render(n, data.resolution))
                                                         for _i, _k, n in neg_scenes[s : s + ev.batch_size]]).to(device)).float(), dim=-1)
             for s in range(0, len(neg_scenes), ev.batch_size)
         ])
@@ -963,28 +960,10 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     return save_run(run, cfg, resolve_run_dir(cfg))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Train a tiny open_clip CLIP on Shapes (for the CLIP reranker).")
-    ap.add_argument("--config", help="YAML recipe, e.g. configs/shapes_clip.yaml (defaults when omitted)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.text_layers=2")
-    args = ap.parse_intermixed_args(argv)  # overrides may come before or after --config
-    try:
-        cfg = load_config(ClipTrainConfig, args.config, args.overrides)
-        run_dir = train_clip(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
-    print(json.dumps({"run_dir": str(run_dir), **metrics}, indent=2))
-    return 0
-
-
 __all__ = [
     "ClipModelConfig", "ClipDataConfig", "ClipOptimConfig", "ClipEvalConfig", "ClipTrainConfig",
     "ClipRun", "NEGATIVE_KINDS", "CompactVocab", "CachedTokenizer", "build_clip", "build_tokenizer", "encode_text", "save_clip", "load_clip",
     "scene_key", "perturb", "hard_negatives", "make_batch", "contrastive_loss", "hard_negative_loss", "text_text_loss", "evaluate_clip",
-    "fit_clip", "save_run", "train_clip", "main",
+    "fit_clip", "save_run", "train_clip",
 ]
 
-if __name__ == "__main__":
-    sys.exit(main())

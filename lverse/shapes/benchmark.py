@@ -1,6 +1,6 @@
 """The Shapes benchmark: does every stage of L-Verse really work, in both directions?
 
-On a fixed test set of Shapes scenes it measures, with the judge of :mod:`lverse.eval.shapes`:
+On a fixed test set of Shapes scenes it measures, with the judge of :mod:`lverse.shapes.judge`:
 
 * **reconstruction**: AugVAE-SL encode → decode, scene read back from the reconstruction;
 * **image→text**: ``candidates`` captions per test image, reranked by ``none`` (the first draw, i.e.
@@ -16,7 +16,6 @@ AUC between correct and wrong candidates of the same item, and the oracle rate: 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,11 +24,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..data.shapes import ShapesDataset
-from ..pipeline import LVersePipeline
-from ..rerank import ClipReranker, CycleReranker, combine_scores
-from ..sampling import generate_captions, generate_images
-from .shapes import match, read_images, try_parse_caption
+from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.rerank import ClipReranker, CycleReranker, combine_scores
+from lverse.inference.sampling import generate_captions, generate_images
+from lverse.shapes.judge import read_images
+from lverse.shapes.parse import match, try_parse_caption
+from lverse.shapes.scenes import ShapesDataset
 
 RERANKERS = ("none", "clip", "cycle", "clip+cycle")
 # The generation directions (report key, title); reconstruction is always measured (its codes
@@ -377,50 +377,3 @@ def parse_directions(text: str) -> list[str] | None:
         print(f"error: --directions {text!r}: choose from {','.join(DIRECTIONS)}", file=sys.stderr)
         return None
     return directions
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Shapes benchmark: reconstruction, image→text, text→image with rerankers.")
-    ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: the shipped checkpoints/shapes)")
-    ap.add_argument("--n", type=int, default=500, help="test scenes")
-    ap.add_argument("--candidates", type=int, default=CANDIDATES,
-                    help=f"candidates per item (default {CANDIDATES}: the paper's number for both directions)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rerankers", default=",".join(RERANKERS))
-    ap.add_argument("--directions", default=",".join(DIRECTIONS),
-                    help="comma-separated subset of image_to_text,text_to_image (default both; "
-                         "reconstruction is always measured)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--guidance", type=float, default=None,
-                    help="classifier-free guidance scale for text->image (default: the bundle's sampling.json, else 1 = off)")
-    ap.add_argument("--image-temperature", type=float, default=None,
-                    help="sampling temperature for text->image (default: the bundle's sampling.json, else 1)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="runs/shapes_eval", help="writes report.json and report.md here")
-    args = ap.parse_args(argv)
-    directions = parse_directions(args.directions)
-    if directions is None:
-        return 2
-    try:
-        pipe = LVersePipeline.load(args.checkpoint, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
-                           t2i_guidance=args.guidance, t2i_temperature=args.image_temperature, directions=directions)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(report)
-    (out / "report.md").write_text(table)
-    card = out / "README.md"
-    if card.is_file() and len(directions) < len(DIRECTIONS):
-        print(f"[bench] left the model card {card} alone: a report of {','.join(directions)} only", file=sys.stderr)
-    elif card.is_file() and update_model_card(card, table):
-        print(f"[bench] updated the benchmark section of the model card {card}", file=sys.stderr)
-    print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,40 +6,41 @@ minutes and writes a reconstruction grid.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .config import load_config
+from lverse.config import load_config
 
 
 def train_autoencoder(out: Path, steps: int) -> int:
-    from .train.stage1 import Stage1Config
-    from .train.stage1 import main as stage1_main
+    from lverse.train.loop import Trainer
+    from lverse.train.stage1 import Stage1Config, Stage1Task
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "shapes_augvae_ml.yaml"
-    cfg = load_config(Stage1Config, config)  # fail early on a broken config
-    del cfg
+    config = Path(__file__).resolve().parents[2] / "configs" / "shapes_augvae_ml.yaml"
+    cfg = load_config(Stage1Config, config, [f"train.run_dir={out}", f"train.max_steps={steps}",
+                                             f"train.image_every={steps}", f"train.ckpt_every={steps}",
+                                             "train.device=cpu"])
     print(f"[demo] training the tiny Shapes AugVAE-ML for {steps} steps on the CPU -> {out}", file=sys.stderr)
-    rc = stage1_main(["--config", str(config), f"train.run_dir={out}", f"train.max_steps={steps}",
-                      f"train.image_every={steps}", f"train.ckpt_every={steps}", "train.device=cpu"])
-    if rc == 0:
-        grids = sorted((out / "images").glob("reconstruction_*.png"))
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        print(json.dumps({"reconstruction_grid": str(grids[-1]) if grids else None,
-                          "mse_first": metrics[0]["mse"], "mse_last": metrics[-1]["mse"],
-                          "codebook_perplexity": metrics[-1].get("codebook/perplexity")}, indent=2))
-    return rc
+    trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg)
+    if trainer.fit()["stopped"]:
+        return 130
+    trainer.export()
+    grids = sorted((out / "images").glob("reconstruction_*.png"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(json.dumps({"reconstruction_grid": str(grids[-1]) if grids else None,
+                      "mse_first": metrics[0]["mse"], "mse_last": metrics[-1]["mse"],
+                      "codebook_perplexity": metrics[-1].get("codebook/perplexity")}, indent=2))
+    return 0
 
 
 def sample_both_directions(checkpoint: str | None, out: Path, n: int, candidates: int) -> int:
     """Draw images for n test captions and captions for n test images; judge both."""
     import torch
 
-    from .eval.benchmark import run_benchmark
-    from .pipeline import LVersePipeline
-    from .train.logger import save_grid
+    from lverse.files import save_grid
+    from lverse.inference.pipeline import LVersePipeline
+    from lverse.shapes.benchmark import run_benchmark
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = LVersePipeline.load(checkpoint, device="cpu")
@@ -70,30 +71,3 @@ def sample_both_directions(checkpoint: str | None, out: Path, n: int, candidates
     print(f"[demo] wrote {grid} (top: test scenes, bottom: generated from their captions), "
           f"{out / 'test_images.png'} and {out / 'demo.json'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lverse.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo", help="output directory")
-    ap.add_argument("--train", action="store_true", help="train the tiny autoencoder instead of sampling")
-    ap.add_argument("--steps", type=int, default=300, help="--train: optimisation steps")
-    ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: checkpoints/shapes)")
-    ap.add_argument("--n", type=int, default=8, help="test captions and images to sample")
-    ap.add_argument("--candidates", type=int, default=16)
-    args = ap.parse_args(argv)
-    from .pipeline import default_checkpoint_dir
-
-    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint_dir()
-    if args.train or not (ckpt / "biart.safetensors").is_file():
-        if not args.train:
-            print(f"[demo] no shipped pipeline in {ckpt}: training the autoencoder instead", file=sys.stderr)
-        return train_autoencoder(Path(args.out) / "augvae", args.steps)
-    try:
-        return sample_both_directions(args.checkpoint, Path(args.out), args.n, args.candidates)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

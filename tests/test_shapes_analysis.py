@@ -1,18 +1,13 @@
-"""bench/shapes_codes.py's measurements on images and codes whose answers are known."""
+"""lverse.shapes.analysis (bench/shapes_codes.py's measurements) on images and codes whose answers are known."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from lverse.data.shapes import COLOURS
-
-_spec = importlib.util.spec_from_file_location("shapes_codes", Path(__file__).parents[1] / "bench" / "shapes_codes.py")
-codes_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(codes_bench)  # type: ignore[union-attr]
+import lverse.shapes.analysis as codes_bench
+from lverse.shapes.scenes import COLOURS
 
 RED, BLUE = list(COLOURS).index("red"), list(COLOURS).index("blue")
 

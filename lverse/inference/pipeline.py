@@ -28,16 +28,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 import lverse
-from lverse.clipio import CLIP_FILE, CLIP_MEAN, CLIP_STD, build_open_clip, load_clip, save_clip  # noqa: F401
 from lverse.config import from_dict
+from lverse.data.images import read_image
+from lverse.dist import resolve_device
+from lverse.inference.clip import CLIP_FILE, load_clip, save_clip
+from lverse.inference.sampling import decode_captions
 from lverse.models.augvae import AugVAE
 from lverse.models.biart import BiART, BiARTConfig
-from lverse.sampling import decode_captions
 from lverse.tokenizer import TextTokenizer
 from lverse.vocab import VocabLayout
 
@@ -64,82 +64,10 @@ def default_checkpoint_dir() -> Path:
     return Path(lverse.__file__).resolve().parent.parent / "checkpoints" / "shapes"
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/``None``: the first CUDA GPU if there is one, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available (use --device cpu)")
-    return dev
-
-
 def resolve_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
-
-
-# ------------------------------------------------------------------------------------------
-# Images
-# ------------------------------------------------------------------------------------------
-
-
-def load_image(path: str | Path, resolution: int) -> torch.Tensor:
-    """An image file as a ``(3, R, R)`` tensor in [-1, 1].
-
-    Any mode PIL reads is accepted: palette/grayscale become RGB, transparency is composited
-    on white (dropping alpha would turn transparent areas black), EXIF rotation is applied.
-    The shorter side is resized to ``R`` (bicubic, antialiased) and the centre square cropped:
-    the AugVAE's evaluation transform. Unreadable files raise ``ValueError`` naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here and not later
-            im = ImageOps.exif_transpose(im)
-            im = to_rgb(im)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    return pil_to_tensor(im, resolution)
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB (transparency over white; 16-bit/float gray rescaled)."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):
-        # 16-bit or float grayscale: PIL's own conversion clips instead of rescaling.
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0 if im.mode == "I" else 1e-12)
-        lo = 0.0 if im.mode.startswith("I;16") or im.mode == "I" else float(a.min())
-        a = np.clip((a - lo) / max(top - lo, 1e-12) * 255.0, 0, 255).round().astype(np.uint8)
-        im = Image.fromarray(a, mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    return im.convert("RGB")
-
-
-def pil_to_tensor(im: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, centre-crop, scale to [-1, 1]: ``(3, R, R)``."""
-    w, h = im.size
-    if w < 1 or h < 1:
-        raise ValueError("empty image")
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +265,8 @@ class LVersePipeline:
         return torch.cat(out, 0)
 
     def load_image(self, path: str | Path) -> torch.Tensor:
-        return load_image(path, self.resolution)
+        """An image file as the AugVAE sees it: ``(3, R, R)`` in [-1, 1] (:func:`read_image`)."""
+        return read_image(path, self.resolution)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The command line shared by `train_augvae.py` and `train_biart.py`.
+"""``lverse train-augvae`` / ``lverse train-biart`` (and ``train_augvae.py`` / ``train_biart.py``).
 
     --config FILE [overrides...]   start a run from a YAML recipe
     --describe                     print the model's size and layout, allocate nothing
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ..config import ConfigError, load_config
-from .dist import cleanup
-from .loop import Task, TrainConfig, Trainer
+from lverse.config import ConfigError, load_config
+from lverse.dist import cleanup
+from lverse.train.loop import Task, TrainConfig, Trainer
 
 C = TypeVar("C")
 
@@ -34,8 +34,9 @@ def run_stage(
     config_cls: type[C],
     make_task: Callable[[C], Task],
     describe: Callable[[C], dict[str, Any]],
+    prog: str | None = None,
 ) -> int:
-    ap = argparse.ArgumentParser(description=description)
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     ap.add_argument("--describe", action="store_true", help="print the parameter count and layout, then exit")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
@@ -68,3 +69,19 @@ def run_stage(
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def train_augvae(argv: list[str] | None = None) -> int:
+    import lverse.shapes  # noqa: F401  (registers data.kind=shapes)
+    from lverse.train.stage1 import Stage1Config, Stage1Task, describe
+
+    return run_stage(argv, "Train AugVAE-ML (stage 1a) or finetune AugVAE-SL (stage 1b).", Stage1Config, Stage1Task,
+                     lambda cfg: describe(cfg.model), prog="lverse train-augvae")
+
+
+def train_biart(argv: list[str] | None = None) -> int:
+    from lverse.models.biart import describe
+    from lverse.train.stage2 import Stage2Config, Stage2Task
+
+    return run_stage(argv, "Train BiART (stage 2) on token shards from `lverse encode`.", Stage2Config, Stage2Task,
+                     lambda cfg: describe(cfg.model), prog="lverse train-biart")

@@ -17,15 +17,14 @@ Key mapping (official → lverse):
 * ``quantizers.{i}.embedding.{weight,cluster_size,embed_avg}``: one shared codebook →
   ``quantizer.{embedding,cluster_size,embed_avg}``.
 
-CLI: ``python -m lverse.convert OFFICIAL.ckpt OUT.safetensors [--variant ml|sl]``.
+CLI: ``lverse convert OFFICIAL.ckpt OUT.safetensors [--variant ml|sl]``.
 """
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -242,29 +241,3 @@ def convert_official(path: str | Path, variant: str | None = None) -> AugVAE:
     model.load_state_dict(new, strict=True)
     model.eval()
     return model
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lverse.convert",
-        description="Convert an official L-Verse AugVAE checkpoint (.ckpt) to lverse (.safetensors + .json).",
-    )
-    p.add_argument("checkpoint", help="official PyTorch Lightning checkpoint (AugVAE-ML or -SL)")
-    p.add_argument("out", help="output path (.safetensors; the .json config is written beside it)")
-    p.add_argument("--variant", choices=("ml", "sl"), default=None, help="default: detect from the keys")
-    a = p.parse_args(argv)
-    try:
-        model = convert_official(a.checkpoint, a.variant)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out = model.save(a.out)
-    print(
-        f"wrote {out} ({model.cfg.variant.upper()}, {model.num_parameters():,} parameters, "
-        f"{model.tokens_per_image} tokens/image, grids {model.token_grids})"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from lverse.inference.clip import CLIP_MEAN, CLIP_STD, load_clip
 from lverse.models.biart import GEN, BiART, Direction
 
 RERANKERS = ("clip", "cycle", "clip+cycle", "none")
@@ -152,7 +153,7 @@ class ClipReranker:
     """CLIP score: cosine similarity of open_clip image and text embeddings.
 
     ``model_or_path``: an open_clip model, or a ``clip.safetensors`` file / a checkpoint
-    directory holding one (see :mod:`lverse.pipeline`). Images are given in [-1, 1]; they are
+    directory holding one (see :mod:`lverse.inference.pipeline`). Images are given in [-1, 1]; they are
     resized to the model's input size (bicubic, antialiased) and normalised with the model's
     mean/std (``visual.preprocess_cfg``, else CLIP's). Text goes through ``tokenizer``, by
     default open_clip's CLIP BPE tokenizer at the model's context length.
@@ -166,8 +167,6 @@ class ClipReranker:
         batch_size: int = 64,
     ) -> None:
         if isinstance(model_or_path, (str, Path)):
-            from lverse.pipeline import load_clip
-
             model, _ = load_clip(model_or_path, device=device)
         else:
             model = model_or_path
@@ -178,8 +177,6 @@ class ClipReranker:
         size = getattr(visual, "image_size", 224)
         self.image_size: tuple[int, int] = tuple(size) if isinstance(size, (tuple, list)) else (size, size)  # type: ignore[assignment]
         pp = getattr(visual, "preprocess_cfg", None) or {}
-        from lverse.pipeline import CLIP_MEAN, CLIP_STD
-
         self.mean = torch.tensor(pp.get("mean", CLIP_MEAN), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(pp.get("std", CLIP_STD), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(self.model)

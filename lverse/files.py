@@ -1,4 +1,4 @@
-"""Files: safetensors weights with a JSON config beside them, written atomically.
+"""Files: safetensors weights with a JSON config beside them, run directories, image grids.
 
 A weights file ``NAME.safetensors`` always has ``NAME.json`` next to it holding the model's
 config (and whatever else a loader needs, e.g. the kind of model). Loading never unpickles:
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 
@@ -45,10 +46,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             os.fsync(f.fileno())
 
     return atomic_write(path, _w)
-
-
-def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,3 +97,40 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
     return state, config
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file, or a run directory (its exported model, else its latest checkpoint)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            return p / "model.safetensors"
+        latest = p / "checkpoints" / "latest"
+        if latest.is_file():
+            return p / "checkpoints" / latest.read_text().strip() / "model.safetensors"
+        raise FileNotFoundError(f"{p}: no model.safetensors and no checkpoints/latest in this run directory")
+    if not p.is_file():
+        raise FileNotFoundError(f"weights not found: {p}")
+    return p
+
+
+def to_uint8_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Image:
+    """(N,3,H,W) in [-1,1] → one PIL grid image (white padding)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    nrow = max(1, min(nrow, n))
+    rows = -(-n // nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y0 : y0 + h, x0 : x0 + w] = x[i]
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write images (N,3,H,W) in [-1,1] as one PNG grid (one image: a plain PNG)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_uint8_grid(images, nrow).save(path)
+    return path

@@ -29,11 +29,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lverse.io import atomic_write_text
-from lverse.pipeline import LVersePipeline, load_clip
-from lverse.rerank import RERANKERS, ClipReranker, CycleReranker, combine_scores, resolve_reranker
-from lverse.sampling import SamplingParams, generate_captions, generate_images, truncate_caption
-from lverse.train.logger import save_grid
+from lverse.files import atomic_write_text, save_grid
+from lverse.inference.clip import load_clip
+from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.rerank import RERANKERS, ClipReranker, CycleReranker, combine_scores, resolve_reranker
+from lverse.inference.sampling import SamplingParams, generate_captions, generate_images, truncate_caption
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Direction-specific defaults when --top-k/--top-p are not given: a top-k cut for the 1024

@@ -454,7 +454,7 @@ def generate_images(
     """Image codes ``(B, candidates, image_len)`` in ``0..num_image_codes-1``.
 
     ``text_ids_global``: ``(B, text_len)`` BiART ids (caption ids, eot, PAD), e.g. from
-    :meth:`lverse.pipeline.LVersePipeline.encode_prompts`.
+    :meth:`lverse.inference.pipeline.LVersePipeline.encode_prompts`.
 
     ``guidance != 1``: classifier-free guidance against the empty caption (all PAD), which a
     BiART trained with ``text_dropout > 0`` has learnt to model; with a BiART that never saw

@@ -1,4 +1,4 @@
-"""Distributed set-up shared by both stages: one process per GPU (or CPU process) via torchrun.
+"""Processes and devices: one process per GPU (or CPU process) via torchrun, and the device rule.
 
 `torchrun` exports RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train_x.py` run has none of
 them and is a world of one. NCCL on GPUs, gloo on CPU.
@@ -28,14 +28,20 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """The one device rule of lverse: ``auto``/``None`` is this process's GPU (``cuda:LOCAL_RANK``)
+    when CUDA is available, else the CPU; ``cuda`` is this process's GPU; anything else is taken
+    as written (``cpu``, ``cuda:1``, ``mps``). A device that cannot be used is a ``ValueError``."""
+    name = "auto" if device is None else str(device)
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but no CUDA device is available")
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    try:
+        dev = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available (use --device cpu)")
+    return dev
 
 
 def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:

@@ -1,4 +1,4 @@
-"""`lverse encode`: run the AugVAE-SL once over an image–caption corpus and write token shards.
+"""Encoding: run the AugVAE-SL once over an image–caption corpus and write token shards.
 
 The autoencoder runs in fp32 (the paper's reason: fp16 underflows in the quantizer) under
 ``torch.no_grad``; BiART training then reads the shards without any autoencoder in its loop.
@@ -7,20 +7,18 @@ merges the shard lists into one ``meta.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .data import build_caption_dataset
-from .data.tokens import TokenShardWriter
-from .io import atomic_write_text
-from .models.augvae import AugVAE
-from .train.dist import barrier, cleanup, init_distributed
+from lverse.data import build_caption_dataset
+from lverse.data.tokens import TokenShardWriter
+from lverse.dist import barrier
+from lverse.files import atomic_write_text
+from lverse.models.augvae import AugVAE
 
 
 def _collate(items: list[Any]) -> dict[str, Any]:
@@ -97,41 +95,3 @@ def build_corpus(kind: str, path: str, image_root: str, split: str, resolution: 
     if kind in ("folder", "tar"):
         return build_caption_dataset(kind, root=path, resolution=resolution)
     raise ValueError(f"unknown data kind {kind!r}; valid: {DATA_KINDS}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lverse encode", description=__doc__.splitlines()[0])
-    ap.add_argument("--augvae", required=True, help="AugVAE-SL weights (.safetensors) or a stage-1 run directory")
-    ap.add_argument("--data", choices=DATA_KINDS, default="shapes")
-    ap.add_argument("--path", default="", help="COCO Karpathy JSON, CC TSV, caption folder, or tar-shard glob")
-    ap.add_argument("--image-root", default="", help="image root for COCO / CC")
-    ap.add_argument("--split", default="train", help="COCO: train|val|test (train includes restval); Shapes: train|test")
-    ap.add_argument("--size", type=int, default=20000, help="Shapes: number of scenes")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, help="output token directory")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--shard-size", type=int, default=50000)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args(argv)
-    try:
-        from .train.stage1 import resolve_weights
-
-        info = init_distributed(args.device)
-        augvae = AugVAE.load(resolve_weights(args.augvae))
-        if augvae.cfg.variant != "sl":
-            raise ValueError(f"{args.augvae}: BiART is trained on AugVAE-SL tokens; this is an AugVAE-{augvae.cfg.variant.upper()}")
-        corpus = build_corpus(args.data, args.path, args.image_root, args.split, augvae.cfg.resolution, args.size, args.seed)
-        meta = encode_corpus(
-            augvae, corpus, args.out, args.batch_size, args.num_workers, info.device, args.shard_size,
-            info.rank, info.world_size,
-            extra_meta={"augvae": str(args.augvae), "data": args.data, "path": args.path, "split": args.split,
-                        "seed": args.seed},
-        )
-        if info.is_main:
-            print(json.dumps({k: meta[k] for k in ("num_items", "tokens_per_image", "skipped")}))
-        cleanup()  # under torchrun: leave the process group together (barrier, then destroy)
-        return 0
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lverse.io import load_weights, save_weights
+from lverse.files import load_weights, save_weights
 
 CLIP_FILE = "clip.safetensors"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -1,0 +1,4 @@
+"""``python -m lverse ...`` is the ``lverse`` command."""
+from lverse.cli import main
+
+raise SystemExit(main())

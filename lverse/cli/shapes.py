@@ -1,0 +1,108 @@
+"""The Shapes world's commands: ``lverse demo``, ``lverse benchmark``, ``lverse train-clip``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def demo(argv: list[str] | None = None) -> int:
+    from lverse.inference.pipeline import default_checkpoint_dir
+    from lverse.shapes.demo import sample_both_directions, train_autoencoder
+
+    ap = argparse.ArgumentParser(prog="lverse demo", description="The README's main job: sample both directions "
+                                 "with the shipped Shapes checkpoints on the CPU and judge them.")
+    ap.add_argument("--out", default="runs/demo", help="output directory")
+    ap.add_argument("--train", action="store_true", help="train the tiny autoencoder instead of sampling")
+    ap.add_argument("--steps", type=int, default=300, help="--train: optimisation steps")
+    ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: checkpoints/shapes)")
+    ap.add_argument("--n", type=int, default=8, help="test captions and images to sample")
+    ap.add_argument("--candidates", type=int, default=16)
+    args = ap.parse_args(argv)
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint_dir()
+    if args.train or not (ckpt / "biart.safetensors").is_file():
+        if not args.train:
+            print(f"[demo] no shipped pipeline in {ckpt}: training the autoencoder instead", file=sys.stderr)
+        return train_autoencoder(Path(args.out) / "augvae", args.steps)
+    try:
+        return sample_both_directions(args.checkpoint, Path(args.out), args.n, args.candidates)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def benchmark(argv: list[str] | None = None) -> int:
+    from lverse.inference.pipeline import LVersePipeline
+    from lverse.shapes.benchmark import (
+        CANDIDATES,
+        DIRECTIONS,
+        RERANKERS,
+        markdown_table,
+        parse_directions,
+        run_benchmark,
+        update_model_card,
+    )
+
+    ap = argparse.ArgumentParser(prog="lverse benchmark",
+                                 description="Shapes benchmark: reconstruction, image→text, text→image with rerankers.")
+    ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: the shipped checkpoints/shapes)")
+    ap.add_argument("--n", type=int, default=500, help="test scenes")
+    ap.add_argument("--candidates", type=int, default=CANDIDATES,
+                    help=f"candidates per item (default {CANDIDATES}: the paper's number for both directions)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rerankers", default=",".join(RERANKERS))
+    ap.add_argument("--directions", default=",".join(DIRECTIONS),
+                    help="comma-separated subset of image_to_text,text_to_image (default both; "
+                         "reconstruction is always measured)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale for text->image (default: the bundle's sampling.json, else 1 = off)")
+    ap.add_argument("--image-temperature", type=float, default=None,
+                    help="sampling temperature for text->image (default: the bundle's sampling.json, else 1)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="runs/shapes_eval", help="writes report.json and report.md here")
+    args = ap.parse_args(argv)
+    directions = parse_directions(args.directions)
+    if directions is None:
+        return 2
+    try:
+        pipe = LVersePipeline.load(args.checkpoint, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
+                           t2i_guidance=args.guidance, t2i_temperature=args.image_temperature, directions=directions)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(report)
+    (out / "report.md").write_text(table)
+    card = out / "README.md"
+    if card.is_file() and len(directions) < len(DIRECTIONS):
+        print(f"[bench] left the model card {card} alone: a report of {','.join(directions)} only", file=sys.stderr)
+    elif card.is_file() and update_model_card(card, table):
+        print(f"[bench] updated the benchmark section of the model card {card}", file=sys.stderr)
+    print(table)
+    return 0
+
+
+def train_clip(argv: list[str] | None = None) -> int:
+    from lverse.config import ConfigError, load_config
+    from lverse.shapes.clip_train import ClipTrainConfig
+    from lverse.shapes.clip_train import train_clip as run
+
+    ap = argparse.ArgumentParser(prog="lverse train-clip",
+                                 description="Train a tiny open_clip CLIP on Shapes (for the CLIP reranker).")
+    ap.add_argument("--config", help="YAML recipe, e.g. configs/shapes_clip.yaml (defaults when omitted)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.text_layers=2")
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after --config
+    try:
+        cfg = load_config(ClipTrainConfig, args.config, args.overrides)
+        run_dir = run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    print(json.dumps({"run_dir": str(run_dir), **metrics}, indent=2))
+    return 0
