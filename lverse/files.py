@@ -128,8 +128,17 @@ def to_uint8_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Im
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Write one image (3,H,W) in [-1,1] as an 8-bit RGB file (format from the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Write images (N,3,H,W) in [-1,1] as one PNG grid (one image: a plain PNG)."""
+    """Write images (N,3,H,W) in [-1,1] as one PNG grid, ``nrow`` to a row, 2 px white padding."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     to_uint8_grid(images, nrow).save(path)

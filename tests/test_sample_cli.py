@@ -3,6 +3,7 @@ pipeline written to a temporary directory: outputs, JSON content, reproducibilit
 preprocessing, and one-line errors for bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -171,13 +172,16 @@ def test_text_to_image_clip_default_and_fusion(ckpt_clip: Path, tmp_path: Path) 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a green triangle\n\ntwo circles\n")
     assert main(["--checkpoint", str(ckpt_clip), "--prompts", str(prompts), "--candidates", "3",
-                 "--out", str(tmp_path / "a"), *BASE]) == 0
+                 "--rerank", "clip", "--out", str(tmp_path / "a"), *BASE]) == 0
     rep = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert rep["rerank"] == "clip" and len(rep["prompts"]) == 2
     assert set(rep["prompts"][0]["images"][0]["scores"]) == {"clip", "score"}
+    # with a CLIP at hand the default reranker is clip+cycle: the two z-scored and summed
     assert main(["--checkpoint", str(ckpt_clip), "--text", "a red square", "--candidates", "4",
-                 "--rerank", "clip+cycle", "--out", str(tmp_path / "b"), *BASE]) == 0
-    im = json.loads((tmp_path / "b" / "samples.json").read_text())["prompts"][0]["images"][0]
+                 "--out", str(tmp_path / "b"), *BASE]) == 0
+    rep = json.loads((tmp_path / "b" / "samples.json").read_text())
+    assert rep["rerank"] == "clip+cycle" and rep["top_k"] == 0 and rep["top_p"] == 1.0
+    im = rep["prompts"][0]["images"][0]
     fused = combine_scores([torch.tensor(im["scores"]["clip"]), torch.tensor(im["scores"]["cycle"])])
     assert torch.allclose(fused, torch.tensor(im["scores"]["score"]), atol=1e-4)
     assert im["candidate"] == int(fused.argmax())
@@ -284,7 +288,7 @@ def test_clip_weights_file_from_cli(ckpt: Path, tmp_path: Path) -> None:
     assert main(["--checkpoint", str(ckpt), "--text", "a red circle", "--candidates", "2",
                  "--clip-weights", str(path), "--out", str(tmp_path / "o"), *BASE]) == 0
     rep = json.loads((tmp_path / "o" / "samples.json").read_text())
-    assert rep["rerank"] == "clip" and len(rep["prompts"][0]["images"][0]["scores"]["clip"]) == 2
+    assert rep["rerank"] == "clip+cycle" and len(rep["prompts"][0]["images"][0]["scores"]["clip"]) == 2
 
 
 def test_default_checkpoint_from_environment(ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -305,10 +309,10 @@ def test_guidance_from_sampling_json_and_flag(ckpt: Path, tmp_path: Path, capsys
     shutil.copytree(ckpt, g)
     pipe = LVersePipeline.load(g, device="cpu")
     assert pipe.sampling == {}
-    pipe.sampling = {"guidance": 2.5}
+    pipe.sampling = {"guidance": 2.5}  # the older flat form is read, and written per direction
     pipe.save(g)
-    assert json.loads((g / "sampling.json").read_text()) == {"guidance": 2.5}
-    assert LVersePipeline.load(g, device="cpu").sampling == {"guidance": 2.5}
+    assert json.loads((g / "sampling.json").read_text()) == {"text_to_image": {"guidance": 2.5}}
+    assert LVersePipeline.load(g, device="cpu").sampling == {"text_to_image": {"guidance": 2.5}}
 
     def draw(root: Path, *extra: str) -> dict:
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
@@ -327,9 +331,12 @@ def test_guidance_from_sampling_json_and_flag(ckpt: Path, tmp_path: Path, capsys
     (g / "sampling.json").write_text('{"temperature": 0.5}')
     assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
     assert "unknown key" in _err_line(capsys)
-    (g / "sampling.json").write_text('{"image_temperature": 0}')
+    (g / "sampling.json").write_text('{"image_temperature": -1}')
     assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
-    assert "image_temperature" in _err_line(capsys)
+    assert "sampling.json" in (line := _err_line(capsys)) and "temperature" in line
+    (g / "sampling.json").write_text('{"image_to_text": {"rerank": "dino"}}')
+    assert main(["--checkpoint", str(g), "--text", "a red circle", *BASE]) != 0
+    assert "image_to_text" in (line := _err_line(capsys)) and "dino" in line
     assert main(["--checkpoint", str(ckpt), "--text", "a", "--guidance", "-1", *BASE]) != 0
     assert "--guidance" in _err_line(capsys)
     # Saving without a recommendation removes a stale file.
@@ -344,8 +351,9 @@ def test_image_temperature_from_sampling_json_and_flag(ckpt: Path, images: Path,
     g = tmp_path / "sharp"
     shutil.copytree(ckpt, g)
     (g / "sampling.json").write_text('{"image_temperature": 0.5}')
-    assert LVersePipeline.load(g, device="cpu").image_temperature == 0.5
-    assert LVersePipeline.load(ckpt, device="cpu").image_temperature == 1.0
+    assert LVersePipeline.load(g, device="cpu").defaults("text_to_image").temperature == 0.5
+    assert LVersePipeline.load(g, device="cpu").defaults("image_to_text").temperature == 1.0
+    assert LVersePipeline.load(ckpt, device="cpu").defaults("text_to_image").temperature == 1.0
 
     def draw(root: Path, *extra: str) -> tuple[dict, Path]:
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
@@ -375,9 +383,58 @@ def test_bundle_cli_writes_sampling_json_and_warns_without_caption_dropout(ckpt:
     assert bundle_main(["--augvae", str(ckpt / "augvae.safetensors"), "--biart", str(run), "--out", str(out),
                         "--guidance", "2"]) == 0
     assert "text_dropout 0" in capsys.readouterr().err
-    assert json.loads((out / "sampling.json").read_text()) == {"guidance": 2.0}
-    assert LVersePipeline.load(out, device="cpu").sampling == {"guidance": 2.0}
+    assert json.loads((out / "sampling.json").read_text()) == {"text_to_image": {"guidance": 2.0}}
+    assert LVersePipeline.load(out, device="cpu").defaults("text_to_image").guidance == 2.0
     (run / "config.yaml").write_text("text_dropout: 0.1\n")
     assert bundle_main(["--augvae", str(ckpt / "augvae.safetensors"), "--biart", str(run), "--out", str(out)]) == 0
     assert "warning" not in capsys.readouterr().err
     assert not (out / "sampling.json").exists()  # no recommendation: the stale file is gone
+
+
+def test_cli_demo_and_benchmark_read_the_same_defaults(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """sample.py with no flags, the Python API, the demo and the benchmark's headline all sample
+    with DEFAULTS, then with the bundle's sampling.json when it has one."""
+    from lverse.inference import DEFAULTS, image_to_text, text_to_image
+    from lverse.shapes import benchmark, demo
+
+    def settings_of_cli(root: Path) -> dict:
+        out = tmp_path / f"cli{len(list(tmp_path.iterdir()))}"
+        assert main(["--checkpoint", str(root), "--text", "a red circle", "--image", str(tmp_path / "x.png"),
+                     "--out", str(out), *BASE]) == 0
+        keys = ("candidates", "temperature", "top_k", "top_p", "rerank")
+        return {d: {k: json.loads((out / f).read_text())[k] for k in keys}
+                for d, f in (("text_to_image", "samples.json"), ("image_to_text", "captions.json"))}
+
+    seen: list[dict] = []
+    real = benchmark.run_benchmark
+
+    def spy(pipe, **kw):  # the demo's call, then the real benchmark on 2 scenes
+        report = real(pipe, **{**kw, "n": 2})
+        seen.append(report["settings"])
+        return report
+
+    monkeypatch.setattr(benchmark, "run_benchmark", spy)
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "x.png")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(ckpt, tuned)
+    (tuned / "sampling.json").write_text(json.dumps({"text_to_image": {"candidates": 3, "temperature": 0.7},
+                                                     "image_to_text": {"candidates": 3, "top_p": 0.5}}))
+    for root in (ckpt, tuned):
+        pipe = LVersePipeline.load(root, device="cpu")
+        expected = {d: pipe.defaults(d) for d in DEFAULTS}
+        if root == ckpt:  # no sampling.json: the library's defaults (no CLIP here: cycle)
+            assert expected == {d: s.with_clip(False) for d, s in DEFAULTS.items()}
+        else:
+            assert expected["text_to_image"].temperature == 0.7 and expected["image_to_text"].top_p == 0.5
+        cli = settings_of_cli(root)
+        for d, s in expected.items():
+            assert cli[d] == {"candidates": s.candidates, "temperature": s.temperature, "top_k": s.top_k,
+                              "top_p": s.top_p, "rerank": s.rerank}
+        if root == tuned:  # the API draws what it is told: 3 candidates each
+            assert len(text_to_image(pipe, ["a red circle"])[0]["images"][0]["scores"]["score"]) == 3
+            assert len(image_to_text(pipe, pipe.load_image(tmp_path / "x.png")[None])[0]["candidates"]) == 3
+        seen.clear()
+        assert demo.sample_both_directions(str(root), tmp_path / "demo", n=2) == 0
+        report = real(pipe, n=2, candidates=pipe.defaults("text_to_image").candidates, log=lambda s: None)
+        for got in (seen[0], report["settings"]):
+            assert got == {d: dataclasses.asdict(s) for d, s in expected.items()}

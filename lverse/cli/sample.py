@@ -1,17 +1,18 @@
-"""``sample.py``: text -> image and image -> text with reranking (L-Verse section 3.6).
+"""``sample.py`` / ``lverse sample``: text -> images and image -> captions, reranked.
 
-Text -> image: for each prompt, ``--keep`` rounds; each round draws ``--candidates`` images
-with its own seed (``--seed + round``), reranks them and keeps the best (the paper: 64
-candidates, top 1, repeated k times with different seeds for k images). Writes one PNG per
-kept image, ``grid.png`` (a row per prompt) and ``samples.json`` (prompts, seeds, scores).
+Text -> image: for each prompt, ``--keep`` images, each the best of its own draw of
+``--candidates`` (seeds ``--seed .. --seed + keep - 1``); writes one PNG per kept image,
+``grid.png`` (a row per prompt) and ``samples.json`` (prompts, seeds, settings, every score).
+Image -> text: for each image the best of ``--candidates`` captions is printed, and every
+candidate with its scores goes to ``captions.json``.
 
-Image -> text: for each image, draws ``--candidates`` captions of ``--max-text-tokens`` tokens
-(32 in the paper), cuts each at its first full stop, reranks, prints the best caption per image
-and writes ``captions.json`` with every candidate and its scores.
+Every setting left out comes from :mod:`lverse.inference.defaults` and the bundle's
+``sampling.json``: with no flags this is exactly what the README's results table measures. The
+work itself is :mod:`lverse.inference.generate`; this module parses arguments and writes files.
 
 Bad input (missing/corrupt image, empty prompt, a checkpoint whose parts do not fit) ends with
-one ``error: ...`` line on stderr and a non-zero exit code; no traceback (set
-``LVERSE_DEBUG=1`` to see it).
+one ``error: ...`` line on stderr and a non-zero exit code; no traceback (``LVERSE_DEBUG=1``
+shows it).
 """
 from __future__ import annotations
 
@@ -26,38 +27,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from lverse.files import atomic_write_text, save_grid
-from lverse.inference.clip import load_clip
+from lverse.data.images import IMAGE_EXTENSIONS
+from lverse.files import atomic_write_text, save_grid, save_image
+from lverse.inference.defaults import DEFAULTS, Sampling
+from lverse.inference.generate import image_to_text, load_reranker, text_to_image
 from lverse.inference.pipeline import LVersePipeline
-from lverse.inference.rerank import RERANKERS, ClipReranker, CycleReranker, combine_scores, resolve_reranker
-from lverse.inference.sampling import SamplingParams, generate_captions, generate_images, truncate_caption
+from lverse.inference.rerank import RERANKERS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# Direction-specific defaults when --top-k/--top-p are not given: a top-k cut for the 1024
-# image tokens (sampling the long tail of 1024 draws degrades images; the reranker cannot
-# repair every candidate), nucleus sampling for the short caption.
-IMAGE_TOP_K, CAPTION_TOP_P = 256, 0.9
 EXIT_ERROR = 1
-DEFAULT_TEXT_TOKENS = 32  # caption tokens drawn per candidate (L-Verse section 3.6)
-DECODE_BATCH = 16  # images through the AugVAE decoder at once (full-resolution activations are large)
 
 
 class CLIError(Exception):
     """A problem with the user's input: reported as one ``error:`` line."""
 
 
-# ------------------------------------------------------------------------------------------
-# Arguments
-# ------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
+    t2i, i2t = DEFAULTS["text_to_image"], DEFAULTS["image_to_text"]
     p = argparse.ArgumentParser(
         prog="sample.py",
-        description="L-Verse sampling: --text makes images, --image makes captions (reranked candidates).",
+        description="L-Verse sampling: --text makes images, --image makes captions (reranked candidates). "
+                    "Settings not given come from the defaults below and the checkpoint's sampling.json.",
     )
     src = p.add_argument_group("inputs (at least one)")
     src.add_argument("--text", action="append", default=[], metavar="PROMPT", help="a prompt (repeatable)")
@@ -72,29 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BiART precision (AugVAE always runs in fp32)")
     p.add_argument("--out", type=Path, default=Path("samples"), help="output directory (default: samples)")
 
-    s = p.add_argument_group("sampling")
-    s.add_argument("--candidates", type=int, default=64, help="candidates drawn per image/caption (default 64)")
+    s = p.add_argument_group("sampling (defaults: images / captions)")
+    s.add_argument("--candidates", type=int, default=None,
+                   help=f"candidates drawn per image or caption ({t2i.candidates} / {i2t.candidates})")
     s.add_argument("--keep", type=int, default=1,
                    help="images kept per prompt; each is the best of its own --candidates draw (default 1)")
     s.add_argument("--batch-size", type=int, default=64, help="rows decoded at once (default 64)")
-    s.add_argument("--top-k", type=int, default=None,
-                   help=f"top-k filter, 0 = off (default: {IMAGE_TOP_K} for images, off for captions)")
-    s.add_argument("--top-p", type=float, default=None,
-                   help=f"nucleus filter, 1 = off (default: off for images, {CAPTION_TOP_P} for captions)")
+    s.add_argument("--top-k", type=int, default=None, help=f"top-k filter, 0 = off ({t2i.top_k} / {i2t.top_k})")
+    s.add_argument("--top-p", type=float, default=None, help=f"nucleus filter, 1 = off ({t2i.top_p:g} / {i2t.top_p:g})")
     s.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: for images the checkpoint's sampling.json image_temperature, "
-                        "else 1; for captions 1)")
+                   help=f"0 = greedy ({t2i.temperature:g} / {i2t.temperature:g})")
     s.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale for images, 1 = off (default: the checkpoint's "
-                        "sampling.json, else 1; needs a BiART trained with text_dropout > 0)")
+                   help=f"classifier-free guidance scale for images, 1 = off ({t2i.guidance:g}; needs a BiART "
+                        f"trained with text_dropout > 0)")
     s.add_argument("--seed", type=int, default=0, help="base seed; round r of a prompt uses seed + r (default 0)")
     s.add_argument("--max-text-tokens", type=int, default=None,
                    help="caption tokens drawn (default 32, as in the paper, or the model's text length if shorter)")
 
     r = p.add_argument_group("reranking")
     r.add_argument("--rerank", choices=RERANKERS, default=None,
-                   help="clip | cycle (BiART's reverse direction) | clip+cycle | none "
-                        "(default: clip if a CLIP is available, else cycle; with none one candidate is drawn)")
+                   help=f"clip | cycle (BiART's reverse direction) | clip+cycle | none ({t2i.rerank} / {i2t.rerank}; "
+                        "cycle when no CLIP is at hand; with none one candidate is drawn)")
     r.add_argument("--clip-model", default=None, help="open_clip architecture name, e.g. ViT-B-32")
     r.add_argument("--clip-weights", type=Path, default=None,
                    help="local CLIP weights file for --clip-model (never downloaded), or a clip.safetensors")
@@ -145,9 +134,9 @@ def expand_image_paths(specs: Sequence[str]) -> list[Path]:
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
             if not found:
-                raise CLIError(f"folder {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+                raise CLIError(f"folder {p} holds no image file (.{', .'.join(IMAGE_EXTENSIONS)})")
             out += found
         elif p.is_file():
             out.append(p)
@@ -161,122 +150,15 @@ def expand_image_paths(specs: Sequence[str]) -> list[Path]:
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# Reranking
-# ------------------------------------------------------------------------------------------
-
-
-class Scorer:
-    """Scores one candidate set with the chosen reranker(s); returns named score tensors."""
-
-    def __init__(self, mode: str, pipe: LVersePipeline, clip: ClipReranker | None, batch_size: int) -> None:
-        self.mode = mode
-        self.pipe = pipe
-        self.clip = clip
-        self.cycle = CycleReranker(pipe.biart, batch_size)
-
-    @property
-    def needs_pixels(self) -> bool:
-        return "clip" in self.mode
-
-    def images(self, prompt: str, text_ids: torch.Tensor, codes: torch.Tensor, pixels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        parts: dict[str, torch.Tensor] = {}
-        if "clip" in self.mode:
-            assert self.clip is not None and pixels is not None
-            parts["clip"] = self.clip.score_images(pixels, prompt).cpu()
-        if "cycle" in self.mode:
-            parts["cycle"] = self.cycle.score_images(text_ids, codes).cpu()
-        return self._finish(parts, codes.shape[0])
-
-    def captions(self, image: torch.Tensor, codes: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        parts: dict[str, torch.Tensor] = {}
-        if "clip" in self.mode:
-            assert self.clip is not None
-            parts["clip"] = self.clip.score_texts(image, captions).cpu()
-        if "cycle" in self.mode:
-            parts["cycle"] = self.cycle.score_captions(codes, self.pipe.captions_to_ids(captions)).cpu()
-        return self._finish(parts, len(captions))
-
-    def _finish(self, parts: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-        if not parts:  # "none": keep the first candidate
-            parts["score"] = torch.zeros(n)
-        elif len(parts) == 1:
-            parts["score"] = next(iter(parts.values()))
-        else:
-            parts["score"] = combine_scores(list(parts.values()))
-        return parts
-
-
-def make_clip(args: argparse.Namespace, pipe: LVersePipeline, mode: str) -> ClipReranker | None:
-    if "clip" not in mode:
-        return None
-    dev = pipe.device
-    if args.clip_model is not None:
-        if args.clip_weights is None:
-            raise CLIError("--clip-model needs --clip-weights FILE (CLIP weights are never downloaded); "
-                           "or use --rerank cycle")
-        return ClipReranker.from_open_clip(args.clip_model, args.clip_weights, dev, args.batch_size)
-    if args.clip_weights is not None:
-        w = args.clip_weights
-        if not w.is_file():
-            raise CLIError(f"CLIP weights not found: {w} (or use --rerank cycle, which needs no CLIP)")
-        if not w.with_suffix(".json").is_file():
-            raise CLIError(f"--clip-weights {w}: give --clip-model NAME for an open_clip weights file "
-                           f"(or a clip.safetensors with its clip.json beside it)")
-        model, _ = load_clip(w, device=dev)
-        return ClipReranker(model, dev, batch_size=args.batch_size)
-    if pipe.has_clip:
-        model, _ = pipe.clip()
-        return ClipReranker(model, dev, batch_size=args.batch_size)
-    raise CLIError(f"--rerank {mode} needs a CLIP: the checkpoint {pipe.path} has no clip.safetensors and no "
-                   "--clip-model/--clip-weights were given; use --rerank cycle")
-
-
-# ------------------------------------------------------------------------------------------
-# The two modes
-# ------------------------------------------------------------------------------------------
-
-
 def _slug(text: str, n: int = 40) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s[:n].rstrip("-") or "prompt"
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    x = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
-
-
-def _sampling_params(args: argparse.Namespace, direction: str, pipe: LVersePipeline | None = None) -> SamplingParams:
-    guidance, temperature = 1.0, 1.0
-    if direction == "t2i":
-        top_k = IMAGE_TOP_K if args.top_k is None else args.top_k
-        top_p = 1.0 if args.top_p is None else args.top_p
-        default = pipe.guidance if pipe is not None else 1.0
-        guidance = default if args.guidance is None else args.guidance
-        temperature = pipe.image_temperature if pipe is not None else 1.0
-    else:
-        top_k = 0 if args.top_k is None else args.top_k
-        top_p = CAPTION_TOP_P if args.top_p is None else args.top_p
-    if args.temperature is not None:
-        temperature = args.temperature
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance)
-
-
-def _settings(args: argparse.Namespace, pipe: LVersePipeline, mode: str, params: SamplingParams, n_draw: int) -> dict[str, Any]:
-    return {
-        "checkpoint": str(pipe.path),
-        "device": str(pipe.device),
-        "precision": args.precision,
-        "rerank": mode,
-        "candidates": n_draw,
-        "batch_size": args.batch_size,
-        "temperature": params.temperature,
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "guidance": params.guidance,
-        "seed": args.seed,
-    }
+def _settings(args: argparse.Namespace, pipe: LVersePipeline, s: Sampling, n_draw: int) -> dict[str, Any]:
+    return {"checkpoint": str(pipe.path), "device": str(pipe.device), "precision": args.precision, "rerank": s.rerank,
+            "candidates": n_draw, "batch_size": args.batch_size, "temperature": s.temperature, "top_k": s.top_k,
+            "top_p": s.top_p, "guidance": s.guidance, "seed": args.seed}
 
 
 def _progress(args: argparse.Namespace, total: int, desc: str) -> tqdm:
@@ -284,93 +166,63 @@ def _progress(args: argparse.Namespace, total: int, desc: str) -> tqdm:
                 file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str], scorer: Scorer) -> dict[str, Any]:
-    text_ids, counts = pipe.encode_prompts(prompts, warn=False)
+def _resolve(args: argparse.Namespace, pipe: LVersePipeline, direction: str) -> Sampling:
+    has_clip = pipe.has_clip or args.clip_model is not None or args.clip_weights is not None
+    flags = dict(candidates=args.candidates, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 rerank=args.rerank)
+    if direction == "text_to_image":
+        flags["guidance"] = args.guidance
+    return pipe.defaults(direction, has_clip, **flags)
+
+
+def run_text(args: argparse.Namespace, pipe: LVersePipeline, prompts: list[str]) -> dict[str, Any]:
+    s = _resolve(args, pipe, "text_to_image")
+    reranker = load_reranker(pipe, s.rerank, args.clip_model, args.clip_weights, args.batch_size)
+    n_draw = 1 if s.rerank == "none" else s.candidates
+    _, counts = pipe.encode_prompts(prompts, warn=False)
     for i, (p, n) in enumerate(zip(prompts, counts)):
         if n + 1 > pipe.text_len:
             print(f"warning: prompt {i + 1} ({p[:40]!r}...) has {n} tokens; the model reads {pipe.text_len} "
                   "including the end token: truncated", file=sys.stderr)
-    params = _sampling_params(args, "t2i", pipe)
-    n_draw = 1 if scorer.mode == "none" else args.candidates
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    kept: list[torch.Tensor] = []
     bar = _progress(args, len(prompts) * args.keep * n_draw * pipe.image_len, "drawing images")
     try:
-        for p, prompt in enumerate(prompts):
-            entry: dict[str, Any] = {"prompt": prompt, "tokens": counts[p], "truncated": counts[p] + 1 > pipe.text_len,
-                                     "images": []}
-            for r in range(args.keep):
-                seed = args.seed + r
-                codes = generate_images(pipe.biart, text_ids[p : p + 1], n_draw, params=params, seed=seed,
-                                        batch_size=args.batch_size, progress=bar.update)[0]
-                pixels = pipe.decode_images(codes, DECODE_BATCH) if scorer.needs_pixels else None
-                scores = scorer.images(prompt, text_ids[p], codes, pixels)
-                best = int(scores["score"].argmax())
-                image = pixels[best] if pixels is not None else pipe.decode_images(codes[best : best + 1])[0]
-                name = f"{p:03d}-{_slug(prompt)}-{r}.png"
-                _save_png(image, out / name)
-                kept.append(image.cpu())
-                entry["images"].append({
-                    "file": name,
-                    "seed": seed,
-                    "candidate": best,
-                    "score": float(scores["score"][best]),
-                    "scores": {k: [float(v) for v in t] for k, t in scores.items()},
-                })
-            results.append(entry)
-    finally:
-        bar.close()
-    save_grid(torch.stack(kept), out / "grid.png", nrow=args.keep)
-    report = {"mode": "text-to-image", **_settings(args, pipe, scorer.mode, params, n_draw), "keep": args.keep,
-              "grid": "grid.png", "prompts": results}
-    atomic_write_text(out / "samples.json", json.dumps(report, indent=2))
-    print(f"wrote {len(kept)} image(s), grid.png and samples.json to {out}")
-    return report
-
-
-def run_image(
-    args: argparse.Namespace, pipe: LVersePipeline, paths: list[Path], images: torch.Tensor, scorer: Scorer
-) -> dict[str, Any]:
-    codes = pipe.encode_images(images, DECODE_BATCH)
-    params = _sampling_params(args, "i2t")
-    n_draw = 1 if scorer.mode == "none" else args.candidates
-    results: list[dict[str, Any]] = []
-    bar = _progress(args, len(paths) * n_draw * args.max_text_tokens, "drawing captions")
-    try:
-        for i, path in enumerate(paths):
-            ids = generate_captions(pipe.biart, codes[i : i + 1], n_draw, args.max_text_tokens,
-                                    eot_id=pipe.tokenizer.eot_id, params=params, seed=args.seed,
-                                    batch_size=args.batch_size, progress=bar.update)[0]
-            raw = pipe.captions_to_text(ids, truncate=False)
-            caps = [truncate_caption(t) for t in raw]
-            scores = scorer.captions(images[i], codes[i], caps)
-            order = torch.argsort(scores["score"], descending=True, stable=True).tolist()
-            best = order[0]
-            results.append({
-                "file": str(path),
-                "seed": args.seed,
-                "caption": caps[best],
-                "score": float(scores["score"][best]),
-                "candidates": [
-                    {"caption": caps[j], "raw": raw[j], **{k: float(t[j]) for k, t in scores.items()}}
-                    for j in order
-                ],
-            })
-            tqdm.write(f"{path}: {caps[best]}", file=sys.stdout)
+        results = text_to_image(pipe, prompts, s, args.keep, args.seed, reranker, args.batch_size, bar.update)
     finally:
         bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"mode": "image-to-text", **_settings(args, pipe, scorer.mode, params, n_draw),
-              "max_text_tokens": args.max_text_tokens, "images": results}
-    atomic_write_text(args.out / "captions.json", json.dumps(report, indent=2))
+    kept = []
+    for p, entry in enumerate(results):
+        for r, im in enumerate(entry["images"]):
+            im["file"] = f"{p:03d}-{_slug(entry['prompt'])}-{r}.png"
+            save_image(im["image"], args.out / im["file"])
+            kept.append(im.pop("image"))
+            im["scores"] = {k: [float(v) for v in t] for k, t in im["scores"].items()}
+    save_grid(torch.stack(kept), args.out / "grid.png", nrow=args.keep)
+    report = {"mode": "text-to-image", **_settings(args, pipe, s, n_draw), "keep": args.keep, "grid": "grid.png",
+              "prompts": [{"prompt": e["prompt"], "tokens": e["tokens"], "truncated": e["truncated"],
+                           "images": [{k: im[k] for k in ("file", "seed", "candidate", "score", "scores")}
+                                      for im in e["images"]]} for e in results]}
+    atomic_write_text(args.out / "samples.json", json.dumps(report, indent=2))
+    print(f"wrote {len(kept)} image(s), grid.png and samples.json to {args.out}")
     return report
 
 
-# ------------------------------------------------------------------------------------------
-# Entry point
-# ------------------------------------------------------------------------------------------
+def run_image(args: argparse.Namespace, pipe: LVersePipeline, paths: list[Path], images: torch.Tensor) -> dict[str, Any]:
+    s = _resolve(args, pipe, "image_to_text")
+    reranker = load_reranker(pipe, s.rerank, args.clip_model, args.clip_weights, args.batch_size)
+    n_draw = 1 if s.rerank == "none" else s.candidates
+    max_tokens = args.max_text_tokens or min(32, pipe.text_len)
+    bar = _progress(args, len(paths) * n_draw * max_tokens, "drawing captions")
+    try:
+        results = image_to_text(pipe, images, s, args.seed, reranker, max_tokens, args.batch_size, bar.update,
+                                on_caption=lambda i, c: tqdm.write(f"{paths[i]}: {c}", file=sys.stdout))
+    finally:
+        bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"mode": "image-to-text", **_settings(args, pipe, s, n_draw), "max_text_tokens": max_tokens,
+              "images": [{"file": str(path), "seed": args.seed, **res} for path, res in zip(paths, results)]}
+    atomic_write_text(args.out / "captions.json", json.dumps(report, indent=2))
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -380,16 +232,14 @@ def run(args: argparse.Namespace) -> int:
     pipe = LVersePipeline.load(args.checkpoint, device=args.device, precision=args.precision)
     # Read every image before any sampling: a bad file fails the run at once, naming it.
     images = torch.stack([pipe.load_image(p) for p in paths]) if paths else None
-    if args.max_text_tokens is None:
-        args.max_text_tokens = min(DEFAULT_TEXT_TOKENS, pipe.text_len)
-    elif args.max_text_tokens > pipe.text_len:
+    if args.max_text_tokens is not None and args.max_text_tokens > pipe.text_len:
         raise CLIError(f"--max-text-tokens {args.max_text_tokens} exceeds the model's text length {pipe.text_len}")
-    mode = resolve_reranker(args.rerank, pipe.has_clip or args.clip_model is not None or args.clip_weights is not None)
-    scorer = Scorer(mode, pipe, make_clip(args, pipe, mode), args.batch_size)
+    if args.clip_model is not None and args.clip_weights is None:
+        raise CLIError("--clip-model needs --clip-weights FILE (CLIP weights are never downloaded); or use --rerank cycle")
     if prompts:
-        run_text(args, pipe, prompts, scorer)
+        run_text(args, pipe, prompts)
     if images is not None:
-        run_image(args, pipe, paths, images, scorer)
+        run_image(args, pipe, paths, images)
     return 0
 
 
@@ -423,7 +273,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # developers: the full traceback
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

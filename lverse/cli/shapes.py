@@ -18,7 +18,8 @@ def demo(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="--train: optimisation steps")
     ap.add_argument("--checkpoint", default=None, help="pipeline directory (default: checkpoints/shapes)")
     ap.add_argument("--n", type=int, default=8, help="test captions and images to sample")
-    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=None,
+                    help="candidates per item (default: the sampling default, 64, as sample.py)")
     args = ap.parse_args(argv)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint_dir()
     if args.train or not (ckpt / "biart.safetensors").is_file():

@@ -18,7 +18,8 @@ tokens per image); a mismatch is a ``ValueError`` naming the file and both value
 always runs in fp32 (the paper: the quantizer underflows in fp16); ``precision`` applies to
 BiART only, whose LayerNorms stay fp32 (:meth:`BiART.to_o2`).
 
-This module sits above the models and the tokenizer and below the rerankers and the CLI.
+A bundle may also hold ``sampling.json``: how its maker recommends sampling it, per direction
+(:mod:`lverse.inference.defaults`); :meth:`LVersePipeline.defaults` applies it.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from lverse.config import from_dict
 from lverse.data.images import read_image
 from lverse.dist import resolve_device
 from lverse.inference.clip import CLIP_FILE, load_clip, save_clip
+from lverse.inference.defaults import SAMPLING_FILE, Sampling, normalize, read_sampling_file, resolve
 from lverse.inference.sampling import decode_captions
 from lverse.models.augvae import AugVAE
 from lverse.models.biart import BiART, BiARTConfig
@@ -44,11 +46,6 @@ from lverse.vocab import VocabLayout
 AUGVAE_FILE = "augvae.safetensors"
 BIART_FILE = "biart.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-# Optional: how the bundle's maker recommends sampling it, e.g. {"guidance": 2.0} for a BiART
-# trained with caption dropout, {"image_temperature": 0.8} for sharper text->image draws.
-# sample.py and the benchmark use these unless told otherwise.
-SAMPLING_FILE = "sampling.json"
-SAMPLING_KEYS = ("guidance", "image_temperature")
 CHECKPOINT_ENV = "LVERSE_CHECKPOINT"
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,7 +91,9 @@ class LVersePipeline:
         sampling: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
-        self.sampling = check_sampling(dict(sampling or {}), self.path)
+        where = str(self.path / SAMPLING_FILE) if self.path is not None else "sampling"
+        # the bundle's recommendations (sampling.json), per direction: see lverse.inference.defaults
+        self.sampling = normalize(dict(sampling or {}), where)
         check_compatible(augvae, biart, tokenizer, self.path)
         self.augvae = augvae.eval()
         self.biart = biart.eval()
@@ -131,8 +130,7 @@ class LVersePipeline:
         augvae = AugVAE.load(root / AUGVAE_FILE, device=dev).float()
         biart = BiART.load(root / BIART_FILE, device=dev)
         biart = biart.float() if dtype == torch.float32 else biart.to_o2(dtype)
-        sampling = _read_json(root / SAMPLING_FILE) if (root / SAMPLING_FILE).is_file() else {}
-        return cls(augvae, biart, tokenizer, path=root, sampling=sampling)
+        return cls(augvae, biart, tokenizer, path=root, sampling=read_sampling_file(root))
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle (and the CLIP, if one is loaded) into directory ``path``."""
@@ -142,7 +140,7 @@ class LVersePipeline:
         self.biart.save(root / BIART_FILE)
         self.tokenizer.save(root / TOKENIZER_FILE)
         if self.sampling:
-            (root / SAMPLING_FILE).write_text(json.dumps(self.sampling, indent=2) + "\n")
+            (root / SAMPLING_FILE).write_text(json.dumps(normalize(self.sampling), indent=2) + "\n")
         elif (root / SAMPLING_FILE).is_file():
             (root / SAMPLING_FILE).unlink()  # a stale recommendation would outlive the model it was for
         if self.has_clip:
@@ -153,15 +151,12 @@ class LVersePipeline:
         return root
 
     # --- properties -----------------------------------------------------------------------
-    @property
-    def guidance(self) -> float:
-        """The text->image guidance scale the bundle recommends (``sampling.json``; 1 = off)."""
-        return float(self.sampling.get("guidance", 1.0))
-
-    @property
-    def image_temperature(self) -> float:
-        """The text->image sampling temperature the bundle recommends (``sampling.json``; default 1)."""
-        return float(self.sampling.get("image_temperature", 1.0))
+    def defaults(self, direction: str, has_clip: bool | None = None, **overrides: Any) -> Sampling:
+        """How to sample ``direction`` ("text_to_image" / "image_to_text") with this bundle: the
+        library's defaults, the bundle's ``sampling.json``, then ``overrides`` that are not None
+        (:func:`lverse.inference.defaults.resolve`). ``has_clip``: whether a CLIP reranker can
+        be used (default: whether the bundle holds a CLIP)."""
+        return resolve(direction, self.sampling, self.has_clip if has_clip is None else has_clip, **overrides)
 
     @property
     def device(self) -> torch.device:
@@ -272,31 +267,6 @@ class LVersePipeline:
 # ------------------------------------------------------------------------------------------
 # Consistency checks
 # ------------------------------------------------------------------------------------------
-
-
-def check_sampling(sampling: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
-    """Validate a bundle's sampling recommendations (:data:`SAMPLING_FILE`)."""
-    where = f"{root / SAMPLING_FILE}: " if root is not None else "sampling: "
-    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
-    if unknown:
-        raise ValueError(f"{where}unknown key(s) {unknown}; known: {list(SAMPLING_KEYS)}")
-    g = sampling.get("guidance", 1.0)
-    if not isinstance(g, (int, float)) or isinstance(g, bool) or not g >= 0:
-        raise ValueError(f"{where}guidance must be a number >= 0 (1 = off), got {g!r}")
-    t = sampling.get("image_temperature", 1.0)
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
-        raise ValueError(f"{where}image_temperature must be a number > 0 (1 = the model's own distribution), got {t!r}")
-    return sampling
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_config(path: Path, kind: str) -> dict[str, Any]:

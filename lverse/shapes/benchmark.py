@@ -16,6 +16,7 @@ AUC between correct and wrong candidates of the same item, and the oracle rate: 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -24,21 +25,24 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lverse.inference.defaults import DEFAULTS
 from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.rerank import RERANKERS as ALL_RERANKERS
 from lverse.inference.rerank import ClipReranker, CycleReranker, combine_scores
 from lverse.inference.sampling import generate_captions, generate_images
 from lverse.shapes.judge import read_images
 from lverse.shapes.parse import match, try_parse_caption
 from lverse.shapes.scenes import ShapesDataset
 
-RERANKERS = ("none", "clip", "cycle", "clip+cycle")
+# Every reranker, the random pick ("none") first: the report's rows in this order.
+RERANKERS = ("none", *(r for r in ALL_RERANKERS if r != "none"))
 # The generation directions (report key, title); reconstruction is always measured (its codes
 # feed image→text).
 SECTIONS = (("image_to_text", "image→text"), ("text_to_image", "text→image"))
 DIRECTIONS = tuple(key for key, _ in SECTIONS)
-# Candidates per item: the paper's number for both directions (L-Verse §4, DESIGN.md).
-CANDIDATES = 64
-# The issue's bar for the shipped checkpoints: exact scenes, generation with the best reranker.
+# Candidates per item: the sampling default (the paper's 64), the same for both directions.
+CANDIDATES = DEFAULTS["text_to_image"].candidates
+# The bar for the shipped checkpoints: exact scenes, generation with the default reranker.
 TARGETS = {"reconstruction": 0.98, "image_to_text": 0.90, "text_to_image": 0.80}
 # The model card's benchmark section lies between these lines; the report rewrites it.
 CARD_BEGIN, CARD_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
@@ -130,18 +134,20 @@ def run_benchmark(
     seed: int = 0,
     rerankers: Sequence[str] = RERANKERS,
     batch_size: int = 256,
-    t2i_top_k: int = 0,
+    t2i_top_k: int | None = None,
     t2i_temperature: float | None = None,
     t2i_guidance: float | None = None,
-    i2t_top_p: float = 0.9,
-    i2t_temperature: float = 1.0,
+    i2t_top_p: float | None = None,
+    i2t_temperature: float | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     picks: dict[str, Any] | None = None,
     directions: Sequence[str] = DIRECTIONS,
     candidates_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; ``t2i_guidance=None`` and ``t2i_temperature=None`` take the bundle's
-    recommendations (``pipe.sampling``, else 1: guidance off, the model's own distribution). ``picks`` (if given) receives, per reranker, the chosen captions
+    """Run the benchmark. Candidates are drawn with the bundle's sampling settings
+    (:meth:`LVersePipeline.defaults`: what ``sample.py`` uses); a ``t2i_*``/``i2t_*`` argument that is
+    not None overrides one. Every reranker in ``rerankers`` is scored on the same candidates; the
+    report's headline (its targets) is the default reranker's. ``picks`` (if given) receives, per reranker, the chosen captions
     (``"captions/<r>"``) and images (``"images/<r>"``, (n,3,R,R)) for pictures and demos.
     ``directions``: which of :data:`DIRECTIONS` to measure (a reranker comparison on one
     direction need not pay for the other; the report then leaves the other's section out).
@@ -165,13 +171,14 @@ def run_benchmark(
         candidates_out["items"] = {"images": images, "captions": captions, "heldout": heldout, "objects": objects}
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
-    if t2i_guidance is None:
-        t2i_guidance = pipe.guidance
-    if t2i_temperature is None:
-        t2i_temperature = pipe.image_temperature
+    t2i = pipe.defaults("text_to_image", temperature=t2i_temperature, guidance=t2i_guidance, top_k=t2i_top_k,
+                        candidates=candidates)
+    i2t = pipe.defaults("image_to_text", temperature=i2t_temperature, top_p=i2t_top_p, candidates=candidates)
     report: dict[str, Any] = {"n": n, "heldout_items": sum(heldout), "candidates": candidates, "seed": seed,
-                              "rerankers": list(rerankers), "t2i_guidance": t2i_guidance,
-                              "t2i_temperature": t2i_temperature,
+                              "rerankers": list(rerankers), "t2i_guidance": t2i.guidance,
+                              "t2i_temperature": t2i.temperature,
+                              "settings": {"image_to_text": dataclasses.asdict(i2t),
+                                           "text_to_image": dataclasses.asdict(t2i)},
                               "directions": [d for d in DIRECTIONS if d in directions]}
     t0 = time.time()
 
@@ -192,7 +199,7 @@ def run_benchmark(
         t1 = time.time()
         max_tok = min(32, pipe.text_len)
         caps = generate_captions(pipe.biart, codes, candidates, max_tok, eot_id=pipe.tokenizer.eot_id,
-                                 temperature=i2t_temperature, top_p=i2t_top_p, seed=seed, batch_size=batch_size)
+                                 params=i2t.params(), seed=seed, batch_size=batch_size)
         texts: list[list[str]] = pipe.captions_to_text(caps)
         tally = _Tally(heldout, objects)
         for i in range(n):
@@ -216,8 +223,8 @@ def run_benchmark(
         # --- text -> image --------------------------------------------------------------------
         t2 = time.time()
         text_ids, _ = pipe.encode_prompts(captions, warn=False)
-        gen = generate_images(pipe.biart, text_ids, candidates, temperature=t2i_temperature, top_k=t2i_top_k,
-                              guidance=t2i_guidance, seed=seed + 1, batch_size=batch_size)  # (n, C, image_len)
+        gen = generate_images(pipe.biart, text_ids, candidates, params=t2i.params(), seed=seed + 1,
+                              batch_size=batch_size)  # (n, C, image_len)
         tally = _Tally(heldout, objects)
         for i in range(n):
             imgs = pipe.decode_images(gen[i], batch_size=64)
@@ -296,8 +303,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         for name in report["rerankers"]:
             if name in sec:
                 s = sec[name]
-                label = "none (random candidate)" if name == "none" else name
-                lines.append(f"| {title} | {label} | {_pct(s['exact'])} | {_pct(s['exact_seen'])} | {_pct(s['exact_heldout'])} |")
+                lines.append(f"| {title} | {_label(report, key, name)} | {_pct(s['exact'])} | {_pct(s['exact_seen'])} | {_pct(s['exact_heldout'])} |")
     lines += ["", "Reranking (the reconstruction paper's finding on our data):", "",
               "| task | any candidate correct (oracle) | pairwise AUC cycle | pairwise AUC clip |", "|---|---|---|---|"]
     for key, title in _measured(report):
@@ -329,9 +335,20 @@ def _by_objects_table(report: dict[str, Any]) -> list[str]:
         rows = [(r, sec[r].get("exact_by_objects", {})) for r in report["rerankers"] if r in sec]
         rows.append(("any candidate (oracle)", sec.get("oracle_by_objects", {})))
         for name, by in rows:
-            label = "none (random candidate)" if name == "none" else name
+            label = _label(report, key, name) if name in sec else name
             lines.append(f"| {title} | {label} | " + " | ".join(_pct(by.get(k)) for k in counts) + " |")
     return lines
+
+
+def _default_reranker(report: dict[str, Any], key: str) -> str | None:
+    """The reranker the defaults chose for direction ``key``, if the report measured it."""
+    name = report.get("settings", {}).get(key, {}).get("rerank")
+    return name if name in report.get(key, {}) else None
+
+
+def _label(report: dict[str, Any], key: str, name: str) -> str:
+    label = "none (random candidate)" if name == "none" else name
+    return label + " (default)" if name == _default_reranker(report, key) else label
 
 
 def target_results(report: dict[str, Any]) -> list[tuple[str, float | None, float | None, bool]]:
@@ -347,9 +364,13 @@ def target_results(report: dict[str, Any]) -> list[tuple[str, float | None, floa
             beats = None
             continue
         sec = report[key]
-        ranked = {r: sec[r]["exact"] for r in report["rerankers"] if r != "none" and r in sec}
-        best = max(ranked.values()) if ranked else None
-        label = f"{title} ≥ {TARGETS[key]:.0%} (best reranker{': ' + max(ranked, key=ranked.get) if ranked else ''})"
+        default = _default_reranker(report, key)
+        if default is not None:  # what sample.py gives with no flags
+            best, label = sec[default]["exact"], f"{title} ≥ {TARGETS[key]:.0%} (default reranker: {default})"
+        else:  # reports written before the defaults were recorded: the best reranker
+            ranked = {r: sec[r]["exact"] for r in report["rerankers"] if r != "none" and r in sec}
+            best = max(ranked.values()) if ranked else None
+            label = f"{title} ≥ {TARGETS[key]:.0%} (best reranker{': ' + max(ranked, key=ranked.get) if ranked else ''})"
         out.append((label, best, TARGETS[key], best is not None and best >= TARGETS[key]))
         if beats is not None:
             beats = None if best is None or "none" not in sec else (beats and best > sec["none"]["exact"])

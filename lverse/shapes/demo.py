@@ -34,8 +34,9 @@ def train_autoencoder(out: Path, steps: int) -> int:
     return 0
 
 
-def sample_both_directions(checkpoint: str | None, out: Path, n: int, candidates: int) -> int:
-    """Draw images for n test captions and captions for n test images; judge both."""
+def sample_both_directions(checkpoint: str | None, out: Path, n: int, candidates: int | None = None) -> int:
+    """Draw images for n test captions and captions for n test images with the sampling defaults
+    (those of ``sample.py``; ``candidates`` overrides theirs), and judge both."""
     import torch
 
     from lverse.files import save_grid
@@ -44,21 +45,26 @@ def sample_both_directions(checkpoint: str | None, out: Path, n: int, candidates
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = LVersePipeline.load(checkpoint, device="cpu")
-    rerank = "clip" if pipe.has_clip else "cycle"
-    print(f"[demo] {pipe.path}: {n} captions -> images and {n} images -> captions, "
-          f"{candidates} candidates each, reranked by {rerank}", file=sys.stderr)
+    t2i = pipe.defaults("text_to_image", candidates=candidates)
+    i2t = pipe.defaults("image_to_text", candidates=candidates)
+    if t2i.candidates != i2t.candidates:
+        raise ValueError(f"the demo draws as many candidates in both directions; the bundle's sampling.json asks "
+                         f"for {t2i.candidates} images and {i2t.candidates} captions (pass --candidates)")
+    print(f"[demo] {pipe.path}: {n} captions -> images (reranked by {t2i.rerank}) and {n} images -> captions "
+          f"(reranked by {i2t.rerank}), {t2i.candidates} candidates each", file=sys.stderr)
     picks: dict = {}
-    report = run_benchmark(pipe, n=n, candidates=candidates, rerankers=[rerank], seed=1, picks=picks,
-                           log=lambda s: None)
+    report = run_benchmark(pipe, n=n, candidates=t2i.candidates, rerankers=sorted({t2i.rerank, i2t.rerank}), seed=1,
+                           picks=picks, log=lambda s: None)
     out.mkdir(parents=True, exist_ok=True)
     # grid: row 1 the test scenes, row 2 the images generated from their captions
-    grid = save_grid(torch.cat([picks["truth_images"], picks[f"images/{rerank}"]]), out / "text_to_image.png", nrow=n)
+    grid = save_grid(torch.cat([picks["truth_images"], picks[f"images/{t2i.rerank}"]]), out / "text_to_image.png",
+                     nrow=n)
     captions = [{"image": i, "true caption": t, "generated caption": c}
-                for i, (t, c) in enumerate(zip(picks["truth_captions"], picks[f"captions/{rerank}"]))]
+                for i, (t, c) in enumerate(zip(picks["truth_captions"], picks[f"captions/{i2t.rerank}"]))]
     save_grid(picks["truth_images"], out / "test_images.png", nrow=n)
     summary = {
-        "text_to_image_exact": report["text_to_image"][rerank]["exact"],
-        "image_to_text_exact": report["image_to_text"][rerank]["exact"],
+        "text_to_image_exact": report["text_to_image"][t2i.rerank]["exact"],
+        "image_to_text_exact": report["image_to_text"][i2t.rerank]["exact"],
         "reconstruction_exact": report["reconstruction"]["exact"],
         "text_to_image_grid": str(grid),
         "captions": captions,
