@@ -372,3 +372,65 @@ def test_shapes_captions_and_registry(tmp_path: Path) -> None:
         build_caption_dataset("laion")
     with pytest.raises(TypeError, match="ShapesDataset"):
         build_image_dataset("shapes", resolutoin=32)
+
+
+# --- one image path: encoding, training and sampling read a file the same way ---------------------
+_MODES = {"1": "png", "L": "png", "LA": "png", "P": "png", "PA": "tiff", "RGB": "png", "RGBA": "png",
+          "CMYK": "tiff", "I": "tiff", "I;16": "png", "F": "tiff", "YCbCr": "tiff"}
+
+
+def _image_in_mode(mode: str, w: int = 45, h: int = 30) -> Image.Image:
+    """A non-square image with content in every channel, in PIL ``mode``."""
+    rgb = _noise(w, h, seed=len(mode))
+    if mode in ("I", "I;16", "F"):
+        a = np.asarray(rgb.convert("L"), dtype=np.float64)
+        if mode == "F":
+            return Image.fromarray((a / 255.0).astype(np.float32), "F")  # [0, 1] floats
+        scaled = a * 257 if mode == "I;16" else a  # I: 8-bit values stored in 32-bit ints
+        return Image.fromarray(scaled.astype(np.uint16 if mode == "I;16" else np.int32))  # mode from the dtype
+    if mode == "PA":
+        return rgb.convert("P").convert("PA")
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+def test_encode_and_sample_read_every_mode_identically(mode: str, tmp_path: Path) -> None:
+    from lverse.data.images import read_image
+
+    img = _image_in_mode(mode)
+    path = tmp_path / f"x.{_MODES[mode]}"
+    img.save(path)
+    with Image.open(path) as back:
+        assert back.mode == mode  # the file really holds that mode
+    (tmp_path / "x.txt").write_text("a caption\n")
+    sampled = read_image(path, R)  # what sample.py --image and the pipeline feed the AugVAE
+    encoded = build_caption_dataset("folder", root=tmp_path, resolution=R)[0]["image"]  # lverse encode
+    folder = ImageFolderDataset(tmp_path, resolution=R, train=False)[0]["image"]  # stage-1 evaluation grids
+    assert sampled.shape == (3, R, R) and torch.equal(sampled, encoded) and torch.equal(sampled, folder)
+
+
+def test_high_bit_depth_and_float_values_are_read_as_their_level(tmp_path: Path) -> None:
+    # The two readers used to disagree here: an "I" value of 200 read as 200 and as 255, an "F"
+    # value of 0.5 as 128 and as 0. One reader: 200 stays 200, 0.5 of [0, 1] is 128, 65535 // 4 is 64.
+    from lverse.data.images import read_image
+
+    cases = [("I", np.full((8, 8), 200, np.int32), 200), ("F", np.full((8, 8), 0.5, np.float32), 128),
+             ("I;16", np.full((8, 8), 65535 // 4, np.uint16), 64)]
+    for mode, arr, level in cases:
+        Image.fromarray(arr).save(tmp_path / f"{mode.replace(';', '')}.tiff")  # mode from the dtype
+        x = read_image(tmp_path / f"{mode.replace(';', '')}.tiff", 8)
+        assert torch.equal(x, torch.full((3, 8, 8), float(level)).div(127.5).sub(1.0)), mode
+
+
+def test_lanczos_resize_for_evaluation(tmp_path: Path) -> None:
+    from lverse.data.images import read_image
+
+    _noise(451, 300).save(tmp_path / "photo.png")
+    lanczos, bicubic = read_image(tmp_path / "photo.png", R, "lanczos"), read_image(tmp_path / "photo.png", R)
+    # centre square of the shorter side, resized with PIL's LANCZOS filter
+    left = (451 - 300) // 2
+    ref = _noise(451, 300).resize((R, R), Image.Resampling.LANCZOS, box=(left, 0, left + 300, 300))
+    assert torch.equal(lanczos, torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    assert not torch.equal(lanczos, bicubic)
+    with pytest.raises(ValueError, match="resample"):
+        read_image(tmp_path / "photo.png", R, "nearest")

@@ -15,19 +15,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lverse.data import build_caption_dataset
+from lverse.data.images import collate_skip_none
 from lverse.data.tokens import TokenShardWriter
 from lverse.dist import barrier
 from lverse.files import atomic_write_text
 from lverse.models.augvae import AugVAE
-
-
-def _collate(items: list[Any]) -> dict[str, Any]:
-    good = [it for it in items if it is not None and it.get("image") is not None and it.get("captions")]
-    return {
-        "image": torch.stack([it["image"] for it in good]) if good else torch.empty(0),
-        "captions": [it["captions"] for it in good],
-        "skipped": len(items) - len(good),
-    }
 
 
 @torch.no_grad()
@@ -50,7 +42,7 @@ def encode_corpus(
         data = dataset  # streams shard themselves over ranks
     else:
         data = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none)
     writer = TokenShardWriter(out_dir, augvae.tokens_per_image, augvae.cfg.codebook_size, shard_size,
                               prefix=f"r{rank}_" if world_size > 1 else "")
     skipped = 0
@@ -61,12 +53,12 @@ def encode_corpus(
         bar = tqdm(total=len(data) if hasattr(data, "__len__") else None, desc="encode", unit="img", dynamic_ncols=True)
     for batch in loader:
         skipped += batch["skipped"]
-        if batch["image"].numel():
+        if batch["batch_size"]:
             with torch.autocast(device_type=torch.device(device).type, enabled=False):
                 codes = augvae.encode(batch["image"].to(device).float())
             writer.add(codes, batch["captions"])
         if bar is not None:
-            bar.update(len(batch["captions"]) + batch["skipped"])
+            bar.update(batch["batch_size"] + batch["skipped"])
     if bar is not None:
         bar.close()
     meta = writer.close({"skipped": skipped, **(extra_meta or {})}, write_meta=world_size == 1)

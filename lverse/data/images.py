@@ -122,11 +122,15 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
 class ImageTransform:
     """RGB PIL image → 3×R×R tensor in [-1, 1]; random resized crop (train) or centre crop.
 
     ``generator`` drives every random number of the train crop, so equal generator seeds give
-    equal crops.
+    equal crops. ``resample``: ``"bicubic"`` (training, encoding, sampling) or ``"lanczos"`` (the
+    L-Verse paper's reconstruction evaluation, Table 4).
     """
 
     def __init__(
@@ -135,7 +139,10 @@ class ImageTransform:
         train: bool,
         scale: tuple[float, float] = (0.75, 1.0),
         ratio: tuple[float, float] = (1.0, 1.0),
+        resample: str = "bicubic",
     ) -> None:
+        if resample not in RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -143,6 +150,7 @@ class ImageTransform:
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
         self.resolution, self.train, self.scale, self.ratio = resolution, train, scale, ratio
+        self.resample = RESAMPLE[resample]
 
     def _uniform(self, lo: float, hi: float, g: torch.Generator | None) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=g))
@@ -180,11 +188,11 @@ class ImageTransform:
         r = self.resolution
         # One resize of the crop box: PIL's filters are area-aware, so large downscales are
         # antialiased without an intermediate image.
-        out = img.resize((r, r), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        out = img.resize((r, r), self.resample, box=(left, top, left + w, top + h))
         return pil_to_tensor(out)
 
 
-def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+def read_image(path: str | os.PathLike[str], resolution: int, resample: str = "bicubic") -> torch.Tensor:
     """An image file as the AugVAE sees it at evaluation: ``(3, R, R)`` in [-1, 1].
 
     The one path from a file to pixels for encoding, sampling and evaluation: :func:`load_image`
@@ -200,7 +208,7 @@ def read_image(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
             raise ValueError("empty image")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    return ImageTransform(resolution, train=False)(img)
+    return ImageTransform(resolution, train=False, resample=resample)(img)
 
 
 def access_generator(dataset_seed: int, index: int, access_seed: int | None) -> torch.Generator | None:
