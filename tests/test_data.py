@@ -28,6 +28,7 @@ from lverse.data import (
     to_rgb,
     write_tar_shards,
 )
+from lverse.data.images import Skipped
 from lverse.shapes.scenes import Scene, ShapesCaptionDataset, ShapesDataset, phrasings
 
 R = 16
@@ -85,12 +86,12 @@ def test_folder_dataset_decodes_and_skips(mixed_folder: Path) -> None:
     assert ds.classes == [] and ds.labels == [-1] * 7
 
     with pytest.warns(BadImageWarning, match="f_corrupt.jpg"):
-        assert ds[5] is None
+        assert ds[5] == Skipped("bad_image", str(mixed_folder / "f_corrupt.jpg"))
     with pytest.warns(BadImageWarning, match="g_empty.png"):
-        assert ds[6] is None
+        assert ds[6] == Skipped("bad_image", str(mixed_folder / "g_empty.png"))
     with warnings.catch_warnings():  # warned once per file: no second warning
         warnings.simplefilter("error", BadImageWarning)
-        assert ds[5] is None
+        assert isinstance(ds[5], Skipped)
     assert ds.skip_summary() == {"bad_image": 3}
 
     good = {n: ds[i]["image"] for i, n in enumerate(names[:5])}
@@ -111,13 +112,15 @@ def test_folder_dataloader_counts_skipped(mixed_folder: Path) -> None:
         warnings.simplefilter("ignore", BadImageWarning)
         batches = list(DataLoader(ds, batch_size=4, collate_fn=collate_skip_none))
     assert [b["batch_size"] for b in batches] == [4, 1]
-    assert [b["skipped"] for b in batches] == [0, 2]
+    assert [b["skipped"] for b in batches] == [0, 2] and batches[1]["skipped_by"] == {"bad_image": 2}
     assert batches[0]["image"].shape == (4, 3, R, R)
     assert batches[1]["index"].tolist() == [4] and batches[0]["label"].tolist() == [-1] * 4
 
 
 def test_collate_all_bad_batch() -> None:
-    assert collate_skip_none([None, None, None]) == {"batch_size": 0, "skipped": 3}
+    bad = [Skipped("bad_image", "a"), None, Skipped("missing_caption", "b"), Skipped("bad_image", "c")]
+    assert collate_skip_none(bad) == {"batch_size": 0, "skipped": 4,
+                                      "skipped_by": {"bad_image": 2, "unreadable": 1, "missing_caption": 1}}
 
 
 def test_class_folder_layout(tmp_path: Path) -> None:
@@ -190,8 +193,8 @@ def test_tar_round_trip_with_corrupt_member(tmp_path: Path) -> None:
     ds = TarShardDataset(str(tmp_path / "shards" / "shard-{000000..000001}.tar"), resolution=R, train=False)
     with pytest.warns(BadImageWarning, match="s002"):
         items = list(ds)
-    assert len(items) == 5 and items[2] is None
-    good = [it for it in items if it is not None]
+    assert len(items) == 5 and items[2] == Skipped("bad_image", "shard-000000/s002")
+    good = [it for it in items if not isinstance(it, Skipped)]
     assert [it["key"] for it in good] == ["shard-000000/s000", "shard-000000/s001", "shard-000001/s003", "shard-000001/s004"]
     assert [it["label"] for it in good] == [0, 1, 1, 0]
     assert ds.skip_summary() == {"bad_image": 1}
@@ -246,7 +249,8 @@ def test_tar_train_is_seeded_and_damaged_shard_survives(tmp_path: Path) -> None:
     ds = TarShardDataset(tmp_path / "s", resolution=8, train=False)
     with pytest.warns(BadImageWarning, match="shard-000001"):
         items = list(ds)
-    assert [x["key"] for x in items] == ["shard-000000/k0", "shard-000000/k1", "shard-000000/k2"]
+    assert [x["key"] for x in items[:3]] == ["shard-000000/k0", "shard-000000/k1", "shard-000000/k2"]
+    assert items[3:] == [Skipped("bad_shard", str(paths[1]))]  # counted with the batch it lands in
     assert ds.skip_summary() == {"bad_shard": 1}
 
 
@@ -285,10 +289,10 @@ def test_coco_karpathy(tmp_path: Path) -> None:
     assert ds[0]["captions"] == five and ds[0]["key"] == "1" and ds[0]["image"].shape == (3, R, R)
     assert ds[1]["captions"] == five[:4]
     with pytest.warns(BadImageWarning, match="missing.jpg"):
-        assert ds[2] is None
+        assert ds[2] == Skipped("missing_image", str(tmp_path / "val2014" / "missing.jpg"))
     assert ds.skip_summary()["missing_image"] == 1
     test = CocoKarpathyDataset(tmp_path / "dataset_coco.json", tmp_path, split="test", load_images=False)
-    assert len(test) == 1 and test[0] == {"image": None, "captions": five, "key": "3"}
+    assert len(test) == 1 and test[0] == {"image": None, "captions": five, "key": "3", "id": "3"}
     with pytest.raises(ValueError, match="split"):
         CocoKarpathyDataset(tmp_path / "dataset_coco.json", tmp_path, split="dev")
     (tmp_path / "bad.json").write_text("{}")
@@ -339,7 +343,7 @@ def test_caption_folder(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", BadImageWarning)
         items = [ds[i] for i in range(4)]
     assert items[0]["captions"] == ["first caption", "second caption"] and items[0]["key"] == "a.png"
-    assert items[1:] == [None, None, None]
+    assert [it.reason for it in items[1:]] == ["empty_caption", "missing_caption", "bad_text"]
     assert ds.skip_summary() == {"empty_caption": 1, "missing_caption": 1, "bad_text": 1}
 
 
@@ -349,7 +353,7 @@ def test_tar_captions(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)
         items = list(ds)
-    good = [it for it in items if it is not None]
+    good = [it for it in items if not isinstance(it, Skipped)]
     assert [it["captions"] for it in good] == [["caption 0"], ["caption 1"], ["caption 3"]]
     assert ds.skip_summary() == {"bad_image": 1, "empty_caption": 1}
 

@@ -18,6 +18,7 @@ from lverse.data.captions import (
     CocoKarpathyDataset,
     ConceptualCaptionsDataset,
     TarCaptionDataset,
+    img2dataset_corpus,
 )
 from lverse.data.images import (
     BadImageWarning,
@@ -81,7 +82,7 @@ def build_caption_dataset(kind: str, **kwargs: Any) -> Dataset:
 __all__ = [
     "BadImageWarning", "CAPTION_DATASETS", "CaptionFolderDataset", "CocoKarpathyDataset",
     "ConceptualCaptionsDataset", "IMAGE_DATASETS", "ImageFolderDataset", "ImageTransform",
-    "TarCaptionDataset", "TarShardDataset", "build_caption_dataset", "build_image_dataset",
+    "TarCaptionDataset", "TarShardDataset", "build_caption_dataset", "build_image_dataset", "img2dataset_corpus",
     "collate_skip_none", "derive_seed", "load_image", "read_image", "register_caption_dataset",
     "register_image_dataset", "to_rgb", "write_tar_shards",
 ]

@@ -3,13 +3,14 @@
 Conventions shared by every dataset in :mod:`lverse.data`:
 
 * **Items** are dicts with at least ``"image"``: a float tensor 3×R×R in [-1, 1].
-* **Bad records never crash a run.** A corrupt, empty or unreadable image makes
-  ``__getitem__`` return ``None`` (with one :class:`BadImageWarning` per file naming it);
-  :func:`collate_skip_none` drops the ``None`` s, stacks the rest and reports
-  ``batch["skipped"]``. A batch whose items were all bad has ``batch["batch_size"] == 0``
-  and only the two count keys; the trainer skips it. Each dataset also keeps a per-process
-  :meth:`skip_summary` (in DataLoader workers that lives in the worker, so the collate count
-  is the one to aggregate).
+* **Bad records never crash a run.** A corrupt, empty or unreadable record makes
+  ``__getitem__`` return a :class:`Skipped` (its reason and name; one :class:`BadImageWarning`
+  per file names it); :func:`collate_skip_none` drops those (and ``None`` s), stacks the rest and
+  reports ``batch["skipped"]`` and, by reason, ``batch["skipped_by"]``. The reason travels with
+  the item, so the counts are exact with any number of DataLoader workers. A batch whose items
+  were all bad has ``batch["batch_size"] == 0`` and only the count keys; the trainer skips it.
+  Records dropped while a dataset is built (e.g. a COCO entry without captions) are in its
+  :meth:`skip_summary`.
 * **Reproducible augmentation.** Index a map-style dataset with ``(index, access_seed)``
   instead of ``index`` and the random crop is drawn from a ``torch.Generator`` seeded from
   ``(dataset seed, index, access_seed)``; the trainer's ``ResumableSampler`` yields such keys,
@@ -36,7 +37,7 @@ import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +49,13 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "webp", "tif",
 
 class BadImageWarning(UserWarning):
     """An image (or record) was unreadable and has been skipped."""
+
+
+class Skipped(NamedTuple):
+    """What a dataset returns in place of a bad record: why (``reason``) and which (``name``)."""
+
+    reason: str
+    name: str
 
 
 # --- seeds --------------------------------------------------------------------------------------
@@ -211,6 +219,18 @@ def read_image(path: str | os.PathLike[str], resolution: int, resample: str = "b
     return ImageTransform(resolution, train=False, resample=resample)(img)
 
 
+def crop_views(img: Image.Image, resolution: int, crops: int, *seed_parts: Any,
+               scale: tuple[float, float] = (0.75, 1.0)) -> torch.Tensor:
+    """``(crops, 3, R, R)``: the centre crop, then ``crops - 1`` random resized crops (the paper's
+    training augmentation), each drawn from a generator seeded by ``seed_parts`` and its number,
+    so an image encoded twice gets the same crops (``lverse encode --crops``)."""
+    views = [ImageTransform(resolution, train=False)(img)]
+    random_crop = ImageTransform(resolution, train=True, scale=scale)
+    for k in range(1, crops):
+        views.append(random_crop(img, torch.Generator().manual_seed(derive_seed("lverse-crops", *seed_parts, k))))
+    return torch.stack(views)
+
+
 def access_generator(dataset_seed: int, index: int, access_seed: int | None) -> torch.Generator | None:
     """Generator for one access, or ``None`` (global RNG) when no access seed was given."""
     if access_seed is None:
@@ -226,12 +246,13 @@ class SkipTracker:
         self.skipped: Counter[str] = Counter()
         self._warned: set[str] = set()
 
-    def _skip(self, reason: str, name: str, error: BaseException | str | None = None) -> None:
+    def _skip(self, reason: str, name: str, error: BaseException | str | None = None) -> Skipped:
         self.skipped[reason] += 1
         if name not in self._warned:
             self._warned.add(name)
             detail = f": {error}" if error else ""
             warnings.warn(f"skipping {name} ({reason}){detail}", BadImageWarning, stacklevel=3)
+        return Skipped(reason, name)
 
     @property
     def num_skipped(self) -> int:
@@ -298,27 +319,31 @@ class ImageFolderDataset(Dataset, SkipTracker):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
         index, access_seed = split_key(key)
         path = self.root / self.files[index]
         try:
             img = load_image(path)
             tensor = self.transform(img, access_generator(self.seed, index, access_seed))
         except Exception as e:  # corrupt/empty/unsupported: skip, never fatal
-            self._skip("bad_image", str(path), e)
-            return None
+            return self._skip("bad_image", str(path), e)
         return {"image": tensor, "index": index, "label": self.labels[index], "path": str(path)}
 
 
 # --- batching -----------------------------------------------------------------------------------
-def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """Drop ``None`` items, stack the rest; adds ``batch_size`` and ``skipped``.
+def collate_skip_none(batch: Sequence[dict[str, Any] | Skipped | None]) -> dict[str, Any]:
+    """Drop bad items (:class:`Skipped`, ``None``), stack the rest; adds ``batch_size``,
+    ``skipped`` and, when something was skipped, ``skipped_by`` (reason -> count; a bare ``None``
+    counts as ``"unreadable"``).
 
     Tensors of equal shape are stacked; bools/ints/floats become tensors; anything else
     (strings, dicts, lists, ``None``) stays a list.
     """
-    items = [b for b in batch if b is not None]
+    items = [b for b in batch if b is not None and not isinstance(b, Skipped)]
     out: dict[str, Any] = {"batch_size": len(items), "skipped": len(batch) - len(items)}
+    if out["skipped"]:
+        out["skipped_by"] = dict(Counter(b.reason if isinstance(b, Skipped) else "unreadable"
+                                         for b in batch if b is None or isinstance(b, Skipped)))
     if not items:
         return out
     for k in items[0]:
@@ -405,7 +430,7 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def _pick_image(parts: dict[str, bytes]) -> bytes | None:
+def pick_image(parts: dict[str, bytes]) -> bytes | None:
     for ext in IMAGE_EXTENSIONS:
         if ext in parts:
             return parts[ext]
@@ -462,36 +487,35 @@ class TarShardDataset(IterableDataset, SkipTracker):
         """Select the epoch's shard order/crops (call before creating the DataLoader iterator)."""
         self.epoch = epoch
 
-    def _decode_image(self, key: str, parts: dict[str, bytes], epoch: int) -> torch.Tensor | None | bool:
-        """Tensor, ``None`` when images are not loaded, or ``False`` when the image is bad."""
+    def _decode_image(self, key: str, parts: dict[str, bytes], epoch: int) -> torch.Tensor | None | Skipped:
+        """Tensor, ``None`` when images are not loaded, or :class:`Skipped` when the image is bad."""
         if not self.load_images:
             return None
-        data = _pick_image(parts)
+        data = pick_image(parts)
         if data is None:
-            self._skip("missing_image", key, f"no image member among {sorted(parts)}")
-            return False
+            return self._skip("missing_image", key, f"no image member among {sorted(parts)}")
         try:
             g = torch.Generator().manual_seed(derive_seed("lverse-tar", self.seed, epoch, key))
             return self.transform(load_image(data), g)
         except Exception as e:
-            self._skip("bad_image", key, e)
-            return False
+            return self._skip("bad_image", key, e)
 
-    def make_item(self, key: str, parts: dict[str, bytes], epoch: int) -> dict[str, Any] | None:
-        """One sample → item dict, or ``None`` for a bad sample. Subclasses change the format."""
+    def make_item(self, key: str, parts: dict[str, bytes], epoch: int) -> dict[str, Any] | Skipped:
+        """One sample → item dict, or :class:`Skipped`. Subclasses change the format."""
         image = self._decode_image(key, parts, epoch)
-        if image is False:
-            return None
+        if isinstance(image, Skipped):
+            return image
         label = -1
         if "cls" in parts:
             try:
                 label = int(parts["cls"].decode("utf-8").strip())
             except (UnicodeDecodeError, ValueError):
-                self._skip("bad_label", key, "unreadable .cls")
-                return None
+                return self._skip("bad_label", key, "unreadable .cls")
         return {"image": image, "key": key, "label": label}
 
-    def _samples(self, shards: list[str], keep: Callable[[int], bool]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def _samples(self, shards: list[str], keep: Callable[[int], bool]) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+        """``(key, parts)`` of the samples this reader keeps; ``(shard, None)`` where a damaged
+        shard was abandoned (by its first reader only)."""
         n = 0
         for shard in shards:
             it = iter_tar_samples(shard)
@@ -501,13 +525,15 @@ class TarShardDataset(IterableDataset, SkipTracker):
                 except StopIteration:
                     break
                 except (tarfile.TarError, OSError, EOFError) as e:
-                    self._skip("bad_shard", shard, e)
+                    if keep(n):
+                        self._skip("bad_shard", shard, e)
+                        yield shard, None
                     break
                 if keep(n):
                     yield f"{Path(shard).stem}/{key}", parts
                 n += 1
 
-    def _epoch_items(self, epoch: int) -> Iterator[dict[str, Any] | None]:
+    def _epoch_items(self, epoch: int) -> Iterator[dict[str, Any] | Skipped]:
         cid, count = _consumer()
         shards = list(self.shards)
         if self.train:
@@ -520,9 +546,9 @@ class TarShardDataset(IterableDataset, SkipTracker):
         if self.shuffle_buffer > 0 and self.train:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(derive_seed("lverse-buf", self.seed, epoch, cid)))
         for key, parts in samples:
-            yield self.make_item(key, parts, epoch)
+            yield Skipped("bad_shard", key) if parts is None else self.make_item(key, parts, epoch)
 
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+    def __iter__(self) -> Iterator[dict[str, Any] | Skipped]:
         epoch = self.epoch
         while True:
             yield from self._epoch_items(epoch)

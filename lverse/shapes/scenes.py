@@ -67,7 +67,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from lverse.data.images import pil_to_tensor, split_key
+from lverse.data.images import crop_views, pil_to_tensor, split_key
 
 # --- vocabulary ---------------------------------------------------------------------------
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
@@ -388,7 +388,9 @@ class ShapesDataset(Dataset):
 class ShapesCaptionDataset(Dataset):
     """The Shapes dataset as a caption corpus: every phrasing of the scene is a caption.
 
-    Items add ``"scene"`` (the structured description) and ``"heldout"`` to the common keys.
+    Items add ``"scene"`` (the structured description) and ``"heldout"`` to the common keys
+    (:mod:`lverse.data.captions`). ``crops=K > 1``: K views of the rendered scene, the centre
+    (the whole image) then K-1 random resized crops, as for photographs.
     """
 
     def __init__(
@@ -400,9 +402,12 @@ class ShapesCaptionDataset(Dataset):
         max_objects: int = 2,
         holdout: bool = True,
         load_images: bool = True,
+        crops: int = 1,
     ) -> None:
+        if crops < 1:
+            raise ValueError(f"crops must be >= 1, got {crops}")
         self.shapes = ShapesDataset(split, size, seed, resolution, max_objects, holdout)
-        self.load_images = load_images
+        self.load_images, self.crops = load_images, crops
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -412,18 +417,19 @@ class ShapesCaptionDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, _ = split_key(key)
+        index = self.shapes._check(index)
+        scene = self.shapes.scene(index)
+        name = f"shapes/{self.shapes.split}/{index}"
+        image = None
         if self.load_images:
-            item = self.shapes[index]
-            scene_dict, image = item["scene"], item["image"]
-            index = item["index"]
-        else:
-            index = self.shapes._check(index)
-            scene_dict, image = self.shapes.scene(index).to_dict(), None
-        scene = Scene.from_dict(scene_dict)
+            picture = render(scene, self.shapes.resolution)
+            image = (pil_to_tensor(picture) if self.crops == 1 else
+                     crop_views(picture, self.shapes.resolution, self.crops, self.shapes.seed, name))
         return {
             "image": image,
             "captions": phrasings(scene),
-            "key": f"shapes/{self.shapes.split}/{index}",
-            "scene": scene_dict,
+            "key": name,
+            "id": name,
+            "scene": scene.to_dict(),
             "heldout": scene.heldout,
         }

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lverse.config import ConfigError, to_dict
-from lverse.data import build_image_dataset
+from lverse.data import build_image_dataset, collate_skip_none
 from lverse.files import resolve_weights
 from lverse.models.augvae import AugVAE, AugVAEConfig, ml_to_sl
 from lverse.models.lpips import build_lpips
@@ -140,10 +140,9 @@ def _image_dataset(cfg: ImageDataConfig, train: bool, path: str = "") -> Any:
 
 
 def collate_images(items: list[Any]) -> dict[str, Any]:
-    """Stack images; items that failed to load (None) are dropped and counted."""
-    good = [it for it in items if it is not None]
-    images = torch.stack([it["image"] for it in good]) if good else torch.empty(0)
-    return {"image": images, "skipped": len(items) - len(good)}
+    """Stack images; items that failed to load are dropped and counted (:func:`collate_skip_none`)."""
+    batch = collate_skip_none(items)
+    return {"image": batch.get("image", torch.empty(0)), "skipped": batch["skipped"]}
 
 
 def freeze_tokenizer_side(model: AugVAE) -> None:
