@@ -182,8 +182,10 @@ def test_kv_cache_matches_full_forward(model, direction):
         a = model(idx[:, :5], seg[:, :5], cache=cache)
         b = model(idx[:, 5:12], seg[:, 5:12], cache=cache, start_pos=5)
         torch.testing.assert_close(torch.cat([a, b], 1), full[:, :12], atol=1e-5, rtol=0)
-        last = model(idx[:, :P], seg[:, :P], cache=model.new_cache(idx.shape[0]), last_only=True)
-        torch.testing.assert_close(last, full[:, P - 1 : P], atol=1e-5, rtol=0)
+        # hidden states are the head's input: the head on the last one gives its logits
+        h = model.hidden(idx[:, :P], seg[:, :P], cache=model.new_cache(idx.shape[0]))
+        assert h.shape == (idx.shape[0], P, cfg.n_embd)
+        torch.testing.assert_close(model.head(h[:, -1:]), full[:, P - 1 : P], atol=1e-5, rtol=0)
 
 
 def test_cache_repeat_and_select(model):

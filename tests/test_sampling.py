@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lverse.inference.sampling import (
     SamplingParams,
@@ -18,16 +19,16 @@ from lverse.inference.sampling import (
     generate_captions,
     generate_images,
     image_part,
+    make_generator,
     pad_captions,
     sample_from_logits,
+    text_part,
     truncate_caption,
 )
 from lverse.models.biart import BiART, BiARTConfig
 
 TINY = dict(num_image_codes=16, num_text_tokens=40, text_len=6, image_len=9, n_layer=2, n_head=4, n_embd=32)
 EOT = 39  # a tokenizer id used as <end_of_text> in these tests
-
-
 
 
 def tiny(seed: int = 0, scale: float = 1.0, **kw) -> BiART:
@@ -102,24 +103,33 @@ def test_sampled_cached_equals_uncached_with_same_seed() -> None:
     assert torch.equal(c, generate_captions(m, codes, 3, max_text_tokens=6, eot_id=EOT, use_cache=False, **kw))
 
 
-def test_head_is_restored_after_decoding_and_on_error() -> None:
-    m = tiny()
-    head = m.head
-    generate_images(m, random_text(m, 1), 2, seed=0)
-    assert m.head is head
-    calls = {"n": 0}
+def test_cached_decoder_computes_only_the_head_rows_of_the_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached decoder multiplies the hidden state by the allowed span's rows of the output
+    head only (image codes: 16 of 59 rows here; caption ids and PAD: 41); with
+    ``restrict_head=False`` by all of them. The tokens are the same."""
+    m = tiny(1, scale=10)
+    v = m.vocab
+    head_rows: list[int] = []
+    linear = F.linear
 
-    def boom(mod, args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom")
+    def spy(x, w, b=None):
+        if w.untyped_storage().data_ptr() == m.head.weight.untyped_storage().data_ptr():
+            head_rows.append(w.shape[0])
+        return linear(x, w, b)
 
-    h = m.register_forward_pre_hook(boom)
-    with pytest.raises(RuntimeError, match="boom"):
-        generate_images(m, random_text(m, 1), 2, seed=0)
-    h.remove()
-    assert m.head is head and isinstance(m.head, torch.nn.Linear)
-    assert set(dict(m.named_modules())) == set(dict(tiny().named_modules()))
+    monkeypatch.setattr(F, "linear", spy)
+    text, codes = random_text(m, 2), random_codes(m, 2)
+    for part, prompt, n_new in ((image_part(v), m.build_prompt(text, "t2i"), m.cfg.image_len),
+                                (text_part(v, EOT), m.build_prompt(codes, "i2t"), 6)):
+        lo, hi = part.span
+        assert hi - lo < v.size
+        runs = []
+        for restrict in (True, False):
+            head_rows.clear()
+            runs.append(decode(m, *prompt, n_new, 3, part, SamplingParams(temperature=2.0),
+                               make_generator(0, "cpu"), restrict_head=restrict))
+            assert set(head_rows) == ({hi - lo} if restrict else {v.size}), (restrict, set(head_rows))
+        assert torch.equal(runs[0], runs[1])
 
 
 def test_greedy_matches_step_by_step_argmax_of_full_forward() -> None:
@@ -190,7 +200,8 @@ def test_prefill_once_per_prompt_group_and_one_token_steps() -> None:
     m = tiny()
     text = random_text(m, 3)
     calls: list[int] = []
-    h = m.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    # every forward pass embeds its tokens once: the embedding sees how many are fed
+    h = m.tok_emb.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
     try:
         # batch 12 >= 3 prompts x 4 candidates: one group, one prefill, one chunk.
         generate_images(m, text, 4, seed=0, batch_size=12)

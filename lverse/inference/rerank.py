@@ -103,7 +103,9 @@ def conditional_logprob(
             # head there only. Then the target is fed in chunks through the cache, each chunk
             # predicting the next tokens, so at most n * chunk * V logits exist at a time.
             lp = torch.empty((n, T), dtype=torch.float32, device=device)
-            lp[:, :1] = _target_logprobs(model(prompt, seg, cache=cache, start_pos=0, last_only=True), tgt[:, :1])
+            # (contiguous: a strided slice would take another matmul kernel, whose last bits differ)
+            h = model.hidden(prompt, seg, cache=cache)[:, -1:].contiguous()
+            lp[:, :1] = _target_logprobs(model.head(h), tgt[:, :1])
             chunk = max(1, max_logits // max(1, n * vocab.size))
             for t0 in range(0, T - 1, chunk):
                 x = tgt[:, t0 : min(t0 + chunk, T - 1)]

@@ -18,10 +18,11 @@ How a batch is decoded (:func:`decode`):
    image codes only in the image part; caption ids (``<end_of_text>`` included) and PAD only
    in the text part. Once a caption row has drawn its end token or PAD, PAD is forced for the
    rest of it, as in the training sequences (``text eot PAD PAD ...``).
-4. Since the ids a part allows are one contiguous range, the cached decoder computes the
-   output head for that range only (:func:`_head_rows`); everything outside it would be
-   ``-inf`` after masking. For images that is 8,192 of 57,603 rows, most of a step's cost in
-   a narrow model (``bench/sampling.py`` reports both).
+4. Since the ids a part allows are one contiguous range, the cached decoder multiplies the
+   last hidden state (:meth:`~lverse.models.biart.BiART.hidden`) by that range of the output
+   head's rows only (:func:`_logits`); everything outside it would be ``-inf`` after masking.
+   For images that is 8,192 of 57,603 rows, most of a step's cost in a narrow model
+   (``bench/sampling.py`` reports both).
 
 ``use_cache=False`` runs the same loop but recomputes the whole prefix at every step, with the
 full output head: the reference decoder the tests and ``bench/sampling.py`` compare against.
@@ -33,12 +34,10 @@ the same seed, batch size and device give the same candidates.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from lverse.models.biart import GEN, BiART, KVCache
@@ -160,7 +159,7 @@ class TargetPart:
 
     ``allowed`` is a boolean mask over the whole vocabulary; the ids it allows span the rows
     ``lo..hi-1`` (:attr:`span`). Only those rows of the output head are computed by the cached
-    decoder (:func:`_head_rows`): logits outside the span would be ``-inf`` after masking
+    decoder (:func:`_logits`): logits outside the span would be ``-inf`` after masking
     anyway, and in a narrow model the head is most of a step's cost (image codes are 8,192 of
     the paper's 57,603 ids).
     """
@@ -181,39 +180,18 @@ class TargetPart:
         return TargetPart(self.allowed.to(device), ends, self.pad_id)
 
 
-class _RowSlicedHead(nn.Module):
-    """The output head restricted to vocabulary rows ``lo..hi-1`` (a view: no copy)."""
+def _logits(model: BiART, h: torch.Tensor, part: TargetPart, restrict: bool) -> torch.Tensor:
+    """Logits ``(N, hi - lo)`` over the part's span of ids, from hidden states ``h`` ``(N, C)``.
 
-    def __init__(self, head: nn.Linear, lo: int, hi: int) -> None:
-        super().__init__()
-        self.inner, self.lo, self.hi = head, lo, hi
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The full weight: BiART reads ``head.weight`` for its dtype and device."""
-        return self.inner.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.inner.weight[self.lo : self.hi])
-
-
-@contextmanager
-def _head_rows(model: BiART, lo: int, hi: int) -> Iterator[None]:
-    """Within the block, ``model(...)`` returns logits for ids ``lo..hi-1`` only.
-
-    BiART's forward always ends in ``self.head``; swapping that module for a row slice is the
-    one way to skip the unused rows without a second copy of the forward pass. The original
-    head is put back on exit, also on error. (Not for a model shared by concurrent threads.)
-    """
-    head = model.head
-    if not isinstance(head, nn.Linear) or head.bias is not None or (lo, hi) == (0, head.out_features):
-        yield
-        return
-    model.head = _RowSlicedHead(head, lo, hi)
-    try:
-        yield
-    finally:
-        model.head = head
+    ``restrict``: only the span's rows of the output head are multiplied; otherwise the full
+    head, then the span (what the reference decoder does)."""
+    lo, hi = part.span
+    # A strided h (the last position of a prompt) would take another matmul kernel, whose last
+    # bits differ; contiguous, the logits equal those of the head applied to that position alone.
+    h = h.contiguous()
+    if restrict:
+        return F.linear(h, model.head.weight[lo:hi])
+    return model.head(h)[:, lo:hi]
 
 
 def _decode_rows_cached(
@@ -227,9 +205,11 @@ def _decode_rows_cached(
     generator: torch.Generator | None,
     progress: Progress | None,
     guided: bool = False,
+    restrict: bool = True,
 ) -> torch.Tensor:
     """``guided``: the cache and ``first_logits`` hold the unconditional rows below the
-    conditional ones; both halves are fed the token drawn from the guided logits."""
+    conditional ones; both halves are fed the token drawn from the guided logits. ``restrict``:
+    see :func:`_logits`."""
     fed = first_logits.shape[0]
     rows = fed // 2 if guided else fed
     out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=first_logits.device)
@@ -246,7 +226,8 @@ def _decode_rows_cached(
                 progress(rows * (n_new - 1 - t))  # the rest is PAD: account for it at once
             break
         feed = torch.cat([tok, tok]) if guided else tok
-        logits = _span(model(feed[:, None], seg, cache=cache, start_pos=prompt_len + t, last_only=True)[:, -1], part)
+        h = model.hidden(feed[:, None], seg, cache=cache, start_pos=prompt_len + t)
+        logits = _logits(model, h[:, -1], part, restrict)
     return out
 
 
@@ -272,7 +253,7 @@ def _decode_rows_uncached(
         drawn = torch.cat([out, out]) if guided else out
         idx = torch.cat([prompt, drawn[:, :t]], dim=1)
         seg = torch.cat([segments, gen_seg[:, :t]], dim=1)
-        logits = _span(model(idx, seg, last_only=True)[:, -1], part)  # the full head, then the span
+        logits = _logits(model, model.hidden(idx, seg)[:, -1], part, restrict=False)
         tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
         out[:, t] = tok
         if progress is not None:
@@ -282,12 +263,6 @@ def _decode_rows_uncached(
                 progress(rows * (n_new - 1 - t))
             break
     return out
-
-
-def _span(logits: torch.Tensor, part: TargetPart) -> torch.Tensor:
-    """Logits over the part's span of ids: a no-op for a head already restricted to it."""
-    lo, hi = part.span
-    return logits if logits.shape[-1] == hi - lo else logits[..., lo:hi]
 
 
 def _next(
@@ -366,40 +341,43 @@ def decode(
 
     was_training = model.training
     model.eval()  # no dropout while sampling
+    restrict = use_cache and restrict_head
+
+    def prefill(pr: torch.Tensor, sg: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        # The last drawn token is never fed back, hence P + n_new - 1 positions.
+        cache = model.new_cache(pr.shape[0], max_len=P + n_new - 1)
+        return cache, _logits(model, model.hidden(pr, sg, cache=cache)[:, -1], part, restrict)
+
     try:
-        with _head_rows(model, *part.span) if (use_cache and restrict_head) else nullcontext():
-            if use_cache and guided:  # the one unconditional prompt, prefilled once for all rows
-                assert uncond is not None
-                ucache = model.new_cache(1, max_len=P + n_new - 1)
-                ufirst = _span(model(*uncond, cache=ucache, start_pos=0, last_only=True)[:, -1], part)
-            for b0 in range(0, B, group):
-                pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
-                nb = pr.shape[0]
+        if use_cache and guided:  # the one unconditional prompt, prefilled once for all rows
+            assert uncond is not None
+            ucache, ufirst = prefill(*uncond)
+        for b0 in range(0, B, group):
+            pr, sg = prompt[b0 : b0 + group], segments[b0 : b0 + group]
+            nb = pr.shape[0]
+            if use_cache:
+                cache, first = prefill(pr, sg)
+            for c0 in range(0, candidates, chunk):
+                n = min(chunk, candidates - c0)
                 if use_cache:
-                    # The last drawn token is never fed back, hence P + n_new - 1 positions.
-                    cache = model.new_cache(nb, max_len=P + n_new - 1)
-                    first = _span(model(pr, sg, cache=cache, start_pos=0, last_only=True)[:, -1], part)
-                for c0 in range(0, candidates, chunk):
-                    n = min(chunk, candidates - c0)
-                    if use_cache:
-                        # A single chunk of one candidate may write into the prefill cache itself;
-                        # otherwise each chunk needs its own copy (rows diverge from here on).
-                        c = cache if (n == 1 and candidates == 1) else cache.repeat(n)
-                        f = first.repeat_interleave(n, 0)
-                        if guided:  # unconditional twins below the conditional rows
-                            r = nb * n
-                            c = KVCache(torch.cat([c.k, ucache.k.expand(-1, r, -1, -1, -1)], 1),
-                                        torch.cat([c.v, ucache.v.expand(-1, r, -1, -1, -1)], 1))
-                            f = torch.cat([f, ufirst.expand(r, -1)])
-                        rows = _decode_rows_cached(model, c, f, P, n_new, part, params, generator, progress, guided)
-                    else:
-                        p_, s_ = pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0)
-                        if guided:
-                            assert uncond is not None
-                            r = nb * n
-                            p_, s_ = torch.cat([p_, uncond[0].expand(r, -1)]), torch.cat([s_, uncond[1].expand(r, -1)])
-                        rows = _decode_rows_uncached(model, p_, s_, n_new, part, params, generator, progress, guided)
-                    out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
+                    # A single chunk of one candidate may write into the prefill cache itself;
+                    # otherwise each chunk needs its own copy (rows diverge from here on).
+                    c = cache if (n == 1 and candidates == 1) else cache.repeat(n)
+                    f = first.repeat_interleave(n, 0)
+                    if guided:  # unconditional twins below the conditional rows
+                        r = nb * n
+                        c = KVCache(torch.cat([c.k, ucache.k.expand(-1, r, -1, -1, -1)], 1),
+                                    torch.cat([c.v, ucache.v.expand(-1, r, -1, -1, -1)], 1))
+                        f = torch.cat([f, ufirst.expand(r, -1)])
+                    rows = _decode_rows_cached(model, c, f, P, n_new, part, params, generator, progress, guided, restrict)
+                else:
+                    p_, s_ = pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0)
+                    if guided:
+                        assert uncond is not None
+                        r = nb * n
+                        p_, s_ = torch.cat([p_, uncond[0].expand(r, -1)]), torch.cat([s_, uncond[1].expand(r, -1)])
+                    rows = _decode_rows_uncached(model, p_, s_, n_new, part, params, generator, progress, guided)
+                out[b0 : b0 + nb, c0 : c0 + n] = rows.view(nb, n, n_new)
     finally:
         model.train(was_training)
     return out

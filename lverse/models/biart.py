@@ -18,11 +18,12 @@ internally and carries ``keep_fp32 = True``, the flag ``lverse.train.precision``
 :meth:`BiART.keep_fp32_modules` use to find the modules that stay fp32 after ``.half()``.
 
 Decoding uses a preallocated :class:`KVCache`: prefill the prompt once, then feed one token
-at a time with ``start_pos``; the logits equal those of a full forward pass.
+at a time with ``start_pos``; the logits equal those of a full forward pass. :meth:`BiART.hidden`
+stops before the output head, so a decoder computes the head only for the positions and
+vocabulary rows it draws from.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,22 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, computed in fp32 for bf16 inputs on the CPU."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # The CPU's bf16 SDPA kernel is slow at short sequences (its backward took 16 ms per layer
+        # at the Shapes BiART's (24, 4, 98, 32), fp32 5-7 ms); autocast, which would cast the fp32
+        # inputs straight back to bf16, is off for this one call.
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+            )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: BiARTConfig) -> None:
         super().__init__()
@@ -147,22 +164,7 @@ class CausalSelfAttention(nn.Module):
                 qpos = torch.arange(start_pos, end, device=x.device)[:, None]
                 mask = qpos >= torch.arange(end, device=x.device)[None, :]
                 is_causal = False
-        dtype = q.dtype
-        upcast = q.device.type == "cpu" and dtype == torch.bfloat16
-        if upcast:
-            # The CPU's bf16 flash-attention kernel is slow at short sequences: its backward
-            # took 16 ms per layer at the Shapes BiART's (24, 4, 98, 32), the fp32 kernel 5-7 ms.
-            # Autocast would cast the inputs straight back to bf16, so it is off for this call.
-            q, k, v = q.float(), k.float(), v.float()
-        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=self.attn_pdrop if self.training else 0.0,
-                is_causal=is_causal,
-            ).to(dtype)
+        y = _attention(q, k, v, mask, is_causal, self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -205,7 +207,7 @@ class KVCache:
     """Preallocated keys and values, shape ``(n_layer, B, n_head, max_len, head_dim)``.
 
     The cache does not track a length: the caller passes ``start_pos`` to
-    :meth:`BiART.forward`, which writes positions ``start_pos..start_pos+T-1`` and attends to
+    :meth:`BiART.hidden`, which writes positions ``start_pos..start_pos+T-1`` and attends to
     everything before them. Positions past the current one may hold stale values from an
     earlier use; they are never read.
     """
@@ -308,42 +310,46 @@ class BiART(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
     def forward(
-        self,
-        idx: torch.Tensor,
-        segments: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-        last_only: bool = False,
+        self, idx: torch.Tensor, segments: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
     ) -> torch.Tensor:
-        """Logits ``(B, T, V)`` for tokens at absolute positions ``start_pos..start_pos+T-1``.
+        """Logits ``(B, T, V)``: the output head over :meth:`hidden`."""
+        return self.head(self.hidden(idx, segments, cache, start_pos))
+
+    def hidden(
+        self, idx: torch.Tensor, segments: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Final hidden states ``(B, T, n_embd)`` (after ``ln_f``, before the output head) for
+        tokens at absolute positions ``start_pos..start_pos+T-1``.
+
+        A decoder applies the head to the positions and vocabulary rows it needs only
+        (``F.linear(h[:, -1], head.weight[lo:hi])``); :meth:`forward` applies all of it.
 
         ``idx`` is either token ids ``(B, T)`` or *soft tokens* ``(B, T, V)``: a distribution
         over the vocabulary per position, embedded as ``probs @ tok_emb.weight`` (the
         differentiable link of reconstruction finetuning). ``segments`` is ``(B, T)`` of
         REF/GEN. With ``cache``, keys/values are written at those positions and each token
-        attends to everything cached before it. ``last_only`` returns only the last
-        position's logits ``(B, 1, V)``, sparing the head for the rest of a prompt.
+        attends to everything cached before it.
         """
         B, T = idx.shape[:2]
         if segments.shape != (B, T):
-            raise ValueError(f"BiART.forward: segments {tuple(segments.shape)} must be (B, T) = {(B, T)}")
+            raise ValueError(f"BiART: segments {tuple(segments.shape)} must be (B, T) = {(B, T)}")
         end = start_pos + T
         if start_pos < 0 or end > self.cfg.block_size:
             raise ValueError(
-                f"BiART.forward: positions {start_pos}..{end - 1} fall outside block_size {self.cfg.block_size}"
+                f"BiART: positions {start_pos}..{end - 1} fall outside block_size {self.cfg.block_size}"
             )
         if cache is not None:
             if cache.batch_size != B:
-                raise ValueError(f"BiART.forward: cache has batch {cache.batch_size}, input has {B}")
+                raise ValueError(f"BiART: cache has batch {cache.batch_size}, input has {B}")
             if end > cache.max_len:
-                raise ValueError(f"BiART.forward: position {end - 1} past the cache's max_len {cache.max_len}")
+                raise ValueError(f"BiART: position {end - 1} past the cache's max_len {cache.max_len}")
         elif start_pos != 0:
-            raise ValueError("BiART.forward: start_pos > 0 needs a cache holding the earlier positions")
+            raise ValueError("BiART: start_pos > 0 needs a cache holding the earlier positions")
 
         if idx.is_floating_point():
             if idx.dim() != 3 or idx.shape[-1] != self.tok_emb.num_embeddings:
                 raise ValueError(
-                    f"BiART.forward: soft tokens must be (B, T, {self.tok_emb.num_embeddings}), got {tuple(idx.shape)}"
+                    f"BiART: soft tokens must be (B, T, {self.tok_emb.num_embeddings}), got {tuple(idx.shape)}"
                 )
             tok = idx.to(self.tok_emb.weight.dtype) @ self.tok_emb.weight
         else:
@@ -354,9 +360,7 @@ class BiART(nn.Module):
         x = self.drop((tok + pos + self.seg_emb(segments)).to(self.dtype))
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layer(i) if cache is not None else None, start_pos)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
 
     # --- loss -----------------------------------------------------------------------------
     def loss(
