@@ -1,6 +1,6 @@
 """Text tokenizer: CLIP's byte-level BPE, with the BPE itself run by HuggingFace ``tokenizers``.
 
-L-Verse's BiART reads and writes captions in CLIP's 49,408-token BPE vocabulary (DESIGN §3).
+L-Verse's BiART reads and writes captions in CLIP's 49,408-token BPE vocabulary (docs/design.md §3.4).
 :meth:`TextTokenizer.clip` rebuilds that vocabulary from the merges file the installed
 ``open_clip`` package ships, and its ids equal ``open_clip``'s own ``SimpleTokenizer`` on any
 text. Small domains (the Shapes dataset) train their own BPE with :meth:`TextTokenizer.train`,
@@ -23,7 +23,7 @@ The pipeline, step by step (CLIP's, in this order):
    regex): every byte is a symbol, so no text is ever out of vocabulary.
 4. **BPE** (``tokenizers``): ``models.BPE`` with ``end_of_word_suffix="</w>"``: the last symbol
    of each word carries ``</w>``, then merges apply in rank order — exactly CLIP's ``bpe()``.
-   BPE-dropout (0.1, DESIGN §3) runs on a second ``tokenizers`` object and only when asked.
+   BPE-dropout (0.1, docs/design.md §3.4) runs on a second ``tokenizers`` object and only when asked.
 
 Vocabulary layout (CLIP's, reused for trained vocabularies): the 256 byte symbols, the same 256
 with ``</w>``, one token per merge in merge order, then ``<start_of_text>`` and
