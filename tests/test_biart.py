@@ -19,6 +19,7 @@ from lverse.models.biart import (
     describe,
     sequence_nll,
 )
+from lverse.train.optim import weight_decay_groups
 
 TINY = dict(
     num_image_codes=16,
@@ -279,7 +280,7 @@ def test_tiny_model_overfits_fixed_batch():
     g = torch.Generator().manual_seed(0)
     text, image = random_pair(cfg, 4, g, pad_from=[3, 6, 5, 4])
     data = [build_sequence(cfg, text, image, d) for d in ("t2i", "i2t")]
-    opt = torch.optim.AdamW(m.param_groups(0.01), lr=3e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(weight_decay_groups(m, 0.01), lr=3e-3, betas=(0.9, 0.95))
     m.train()
     first = None
     for step in range(100):
@@ -377,9 +378,10 @@ def test_half_and_o2_models():
 
 
 def test_param_groups():
+    """Stage 2's groups (lverse.train.optim): decay the Linear weights only."""
     for tie in (False, True):
         m = tiny(tie_head=tie)
-        decay, no_decay = m.param_groups(0.01)
+        decay, no_decay = weight_decay_groups(m, 0.01)
         assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
         ids = [id(p) for p in decay["params"] + no_decay["params"]]
         assert len(ids) == len(set(ids)) == len(list(m.parameters()))

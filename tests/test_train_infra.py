@@ -1,20 +1,27 @@
 """The shared training infrastructure: configs, sampler, schedule, checkpoints, precision."""
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from lverse.config import ConfigError, dump_yaml, from_dict, load_config, parse_overrides
 from lverse.files import load_weights, save_weights
 from lverse.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from lverse.train.loop import TrainConfig
+from lverse.dist import DistInfo, cleanup
+from lverse.train.loop import Task, TrainConfig, Trainer
 from lverse.train.precision import FP16O2, build_precision
 from lverse.train.sampler import ResumableSampler
-from lverse.train.schedule import PlateauHalving
+from lverse.train.schedule import Cosine, PlateauHalving
+from lverse.train.strategy import FSDP, SingleProcess, build_strategy
 
 
 @dataclass
@@ -247,3 +254,119 @@ def test_weight_average_ema_and_mean_follow_their_formulas() -> None:
 def test_train_config_rejects_bad_averages(over: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         from_dict(TrainConfig, over, "train")
+
+
+def test_cosine_warms_up_then_decays_to_the_min_ratio_over_progress() -> None:
+    s = Cosine(1.0, total_steps=100, warmup_steps=4, min_lr_ratio=0.1)
+    assert [s.lr_at(i) for i in range(4)] == pytest.approx([0.25 * c for c in (1, 2, 3, 4)], rel=0.01)
+    assert s.lr_at(50) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: half way between lr and the floor
+    assert s.lr_at(100) == pytest.approx(0.1) and s.lr_at(200) == pytest.approx(0.1)
+    # progress, when given, drives the cosine instead of the step (the wall-time limit)
+    assert s.lr_at(10, progress=1.0) == pytest.approx(0.1) and s.lr_at(10, progress=0.0) == 1.0
+    assert not s.observe(3.0, 5) and s.state_dict() == {}
+
+
+@pytest.mark.parametrize("over,msg", [({"schedule": "linear"}, "train.schedule"),
+                                      ({"time_limit_minutes": 1.0}, "schedule=cosine"),
+                                      ({"schedule": "cosine", "cooldown_steps": 10}, "cooldown_steps"),
+                                      ({"schedule": "cosine", "min_lr_ratio": 2.0}, "min_lr_ratio"),
+                                      ({"schedule": "cosine", "time_limit_minutes": -1.0}, "time_limit_minutes")])
+def test_train_config_rejects_bad_schedules(over: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(TrainConfig, over, "train")
+
+
+def test_build_strategy_by_world() -> None:
+    one = DistInfo()
+    assert type(build_strategy("ddp", one, "fp16-o2")) is SingleProcess
+    assert type(build_strategy("fsdp", one, "fp16-o2")) is SingleProcess  # a world of one shards nothing
+    with pytest.raises(ValueError, match="strategy"):
+        build_strategy("zero3", one, "fp32")
+    with pytest.raises(ValueError, match="fsdp supports precision"):
+        FSDP(DistInfo(world_size=2), "fp16")
+    assert FSDP(DistInfo(world_size=2), "bf16").precision("bf16") == "fp32"  # FSDP casts, no autocast
+    assert not FSDP.can_crash_save and SingleProcess.can_crash_save
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """x -> sum(x): the sampler hands ``(index, seed)``."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, _ = key
+        return self.x[i], self.x[i].sum(0, keepdim=True)
+
+
+class _LinearTask(Task):
+    def __init__(self, delay: float = 0.0) -> None:
+        self.model = nn.Linear(4, 1)
+        self.delay = delay
+
+    def model_meta(self) -> dict:
+        return {"kind": "linear"}
+
+    def train_dataset(self) -> _Pairs:
+        return _Pairs()
+
+    def training_step(self, model, batch, step, autocast):  # type: ignore[override]
+        time.sleep(self.delay)  # a slow rank (or machine)
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return loss, {"loss": loss.item()}
+
+
+def _time_limited(run_dir: Path, **over: object) -> TrainConfig:
+    t = dict(run_dir=str(run_dir), device="cpu", batch_size=4, lr=0.05, max_steps=100_000, schedule="cosine",
+             min_lr_ratio=0.0, time_limit_minutes=0.03, log_every=1, ckpt_every=0, num_workers=0,
+             tensorboard=False, progress=False)
+    t.update(over)
+    return from_dict(TrainConfig, t, "train")
+
+
+def test_time_limit_ends_the_run_with_the_schedule_finished(tmp_path: Path) -> None:
+    cfg = _time_limited(tmp_path / "run")
+    t0 = time.perf_counter()
+    tr = Trainer(cfg, lambda: _LinearTask(delay=0.01))
+    res = tr.fit()
+    wall = time.perf_counter() - t0
+    assert not res["stopped"] and 1 <= res["step"] < cfg.max_steps
+    assert wall < 1.8 + 3.0  # the limit, plus start-up and the step in flight
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, res["step"] + 1))  # the last step is logged too
+    assert rows[-1]["lr"] < 0.05 * cfg.lr  # the cosine ran on wall time: it ended near its floor
+    latest = CheckpointManager(tmp_path / "run").latest()  # and checkpointed there
+    assert latest is not None and latest.name == f"step_{res['step']:07d}"
+    _, _, state = CheckpointManager.load(latest)
+    assert state["elapsed"] >= 60 * cfg.time_limit_minutes
+    # The clock is part of the run: resuming a run whose time is up takes no further step.
+    again = Trainer(cfg, lambda: _LinearTask(), resume=str(tmp_path / "run")).fit()
+    assert again["step"] == res["step"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _time_limit_worker(rank: int, port: int, run_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = _time_limited(Path(run_dir), time_limit_minutes=0.02)
+    res = Trainer(cfg, lambda: _LinearTask(delay=0.002 if rank == 0 else 0.02)).fit()
+    Path(out, f"steps{rank}").write_text(str(res["step"]))
+    cleanup()
+    os._exit(0)  # as in the stage-2 DDP test: no interpreter teardown racing a gloo thread
+
+
+def test_time_limit_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    """Ranks with different clocks (here: one rank 10x slower per step) still agree when the
+    time is up; a rank that stopped alone would leave the other waiting in an all-reduce."""
+    mp.spawn(_time_limit_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    steps = [int((tmp_path / f"steps{r}").read_text()) for r in range(2)]
+    assert steps[0] == steps[1] >= 1

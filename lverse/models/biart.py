@@ -422,27 +422,6 @@ class BiART(nn.Module):
         return self
 
     # --- optimisation ---------------------------------------------------------------------
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Two AdamW groups: decay for Linear weights; none for embeddings, LayerNorm, biases.
-
-        A tied head weight is the token embedding, so it lands in the no-decay group (the
-        paper applies no weight decay to embeddings).
-        """
-        # Who owns each parameter (a tied weight has two owners).
-        owners: dict[int, list[tuple[nn.Module, str]]] = {}
-        for m in self.modules():
-            for pn, p in m.named_parameters(recurse=False):
-                owners.setdefault(id(p), []).append((m, pn))
-        decay, no_decay = [], []
-        for _, p in self.named_parameters():  # deduplicated, stable order
-            own = owners[id(p)]
-            is_linear_weight = all(isinstance(m, nn.Linear) and pn == "weight" for m, pn in own)
-            (decay if is_linear_weight else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters counted once (a tied head is not counted twice)."""
         n = sum(p.numel() for p in self.parameters())

@@ -15,7 +15,7 @@ PyTorch because apex is not on the package registry:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +66,10 @@ class Precision:
     def named_weights(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         """The trainable tensors the optimizer steps, by parameter name (fp16-o2: the masters)."""
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def load_master_from_model_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        """On resume, after :meth:`prepare_model`: nothing to do here, the optimizer steps the
+        model's own weights, which the trainer loaded already (fp16-o2 resets its masters)."""
 
     # --- per step ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -240,9 +244,6 @@ class FP16O2(Precision):
             self.good_steps = 0
         return True, norm
 
-    def master_params(self) -> Iterator[nn.Parameter]:
-        return (m for _, m in self._pairs)
-
     def load_master_from_model_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
         """Reset masters from fp32 values (used on resume, after the model was prepared)."""
         with torch.no_grad():
@@ -267,11 +268,5 @@ class FP16O2(Precision):
 def build_precision(name: str, device: torch.device) -> Precision:
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {PRECISIONS}")
-    if name in ("fp16", "fp16-o2") and device.type == "cpu":
-        # fp16 matmuls work on recent CPUs but are slow; allowed for tests and smoke runs.
-        pass
+    # fp16 on a CPU works but is slow: allowed, for tests and smoke runs.
     return {"fp32": Precision, "bf16": BF16, "fp16": FP16Autocast, "fp16-o2": FP16O2}[name](device)
-
-
-def params_of(groups: Iterable[dict[str, Any]]) -> list[torch.Tensor]:
-    return [p for g in groups for p in g["params"]]

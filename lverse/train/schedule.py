@@ -1,17 +1,32 @@
-"""Learning-rate schedule: the papers' "halve the learning rate when the loss plateaus".
+"""Learning-rate schedules: the papers' plateau halving, and a cosine (``train.schedule``).
 
-The training loss is averaged over windows of ``window`` steps (already averaged over ranks by
-the caller, so every rank takes the same decision). When ``patience`` windows in a row fail to
-improve on the best window by a relative ``threshold``, the learning rate is multiplied by
-``factor`` (0.5), down to ``min_lr``. An optional linear warm-up precedes it, and an optional
-linear cool-down ends it: over the last ``cooldown_steps`` of ``total_steps`` the rate falls
-linearly from its current value to ``min_lr``. (Short runs that stop while the loss still falls
-gain most of a halving schedule's benefit from such a final decay; the paper recipes leave it off.)
+Both answer ``lr_at(step, progress)`` before each optimizer step and ``observe(loss, step)``
+after it, and keep their state in the checkpoint.
+
+``plateau`` (:class:`PlateauHalving`, the papers' "halve the learning rate when the loss
+plateaus"): the training loss is averaged over windows of ``window`` steps (already averaged
+over ranks by the caller, so every rank takes the same decision). When ``patience`` windows in
+a row fail to improve on the best window by a relative ``threshold``, the learning rate is
+multiplied by ``factor`` (0.5), down to ``min_lr``. An optional linear warm-up precedes it, and
+an optional linear cool-down ends it: over the last ``cooldown_steps`` of ``total_steps`` the
+rate falls linearly from its current value to ``min_lr``. (Short runs that stop while the loss
+still falls gain most of a halving schedule's benefit from such a final decay; the paper
+recipes leave it off.)
+
+``cosine`` (:class:`Cosine`): a linear warm-up times a cosine from ``lr`` to
+``lr × min_lr_ratio`` over the run's *progress* in [0, 1], which the trainer computes as the
+larger of ``step / max_steps`` and ``elapsed / train.time_limit_minutes``: a run on a slow
+machine then stops on time with its schedule finished, instead of being cut off at a high rate.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lverse.train.loop import TrainConfig
+
+SCHEDULES = ("plateau", "cosine")
 
 
 class PlateauHalving:
@@ -48,7 +63,9 @@ class PlateauHalving:
         self._sum = 0.0
         self._n = 0
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, progress: float | None = None) -> float:
+        """The rate for optimizer step ``step`` (0-based); ``progress`` is not used here: the
+        cool-down counts steps (so ``train.time_limit_minutes`` is refused with this schedule)."""
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.in_cooldown(step):
@@ -90,3 +107,38 @@ class PlateauHalving:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+class Cosine:
+    """Linear warm-up over ``warmup_steps``, times a cosine from ``base_lr`` to
+    ``base_lr × min_lr_ratio`` over ``progress`` in [0, 1] (see the module doc)."""
+
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> None:
+        self.base_lr = base_lr
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def lr_at(self, step: int, progress: float | None = None) -> float:
+        if progress is None:
+            progress = step / self.total_steps
+        lo = self.base_lr * self.min_lr_ratio
+        cos = lo + 0.5 * (self.base_lr - lo) * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+        return cos * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else cos
+
+    def observe(self, loss: float, step: int | None = None) -> bool:
+        return False  # the rate depends on progress alone
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing learnt from the run: progress (steps, elapsed time) is the trainer's
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_schedule(cfg: TrainConfig, lr: float) -> PlateauHalving | Cosine:
+    """``cfg.schedule`` starting from the resolved learning rate ``lr``."""
+    if cfg.schedule == "cosine":
+        return Cosine(lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    return PlateauHalving(lr, cfg.plateau_window, cfg.plateau_patience, 0.5, cfg.plateau_threshold, cfg.min_lr,
+                          cfg.warmup_steps, total_steps=cfg.max_steps, cooldown_steps=cfg.cooldown_steps)

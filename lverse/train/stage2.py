@@ -22,6 +22,7 @@ from lverse.files import resolve_weights
 from lverse.models.biart import BiART, BiARTConfig
 from lverse.tokenizer import TextTokenizer
 from lverse.train.loop import Task, TrainConfig
+from lverse.train.optim import weight_decay_groups
 
 DIRECTIONS = ("alternate", "mixed", "t2i", "i2t")
 
@@ -103,7 +104,7 @@ class Stage2Task(Task):
         return {"kind": "biart", "config": to_dict(self.model.cfg)}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        return self.model.param_groups(weight_decay)
+        return weight_decay_groups(self.model, weight_decay)
 
     def prepare(self, device: torch.device) -> None:
         self.device = device
