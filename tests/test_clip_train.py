@@ -16,26 +16,13 @@ import torch.nn.functional as F
 
 from lverse.cli.shapes import train_clip as main
 from lverse.config import ConfigError, from_dict
-from lverse.shapes.clip_train import (
-    CLIP_BPE_VOCAB,
-    IMAGE_NEGATIVE_KINDS,
-    NEGATIVE_KINDS,
-    ClipTrainConfig,
-    CompactVocab,
-    build_clip,
-    build_tokenizer,
-    contrastive_loss,
-    encode_text,
-    fit_clip,
-    hard_negatives,
-    load_clip,
-    make_batch,
-    perturb,
-    save_run,
-    scene_key,
-    shapes_words,
-)
+from lverse.inference.clip import load_clip
+from lverse.shapes.clip_model import CLIP_BPE_VOCAB, CompactVocab, build_clip, build_tokenizer, encode_text, shapes_words
+from lverse.shapes.clip_train import ClipTrainConfig, contrastive_loss, fit_clip, save_run
+from lverse.shapes.negatives import IMAGE_NEGATIVE_KINDS, NEGATIVE_KINDS, hard_negatives, make_batch, perturb
+from lverse.shapes.parse import scene_key
 from lverse.shapes.scenes import HELDOUT_PAIRS, INVERSE, Scene, ShapeObject, ShapesDataset, phrasings
+from lverse.train.optim import weight_decay_groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +30,8 @@ TINY = {
     "model": {"embed_dim": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1, "vision_head_width": 16,
               "text_width": 32, "text_heads": 2, "text_layers": 1, "context_length": 32},
     "data": {"train_size": 2000, "hard_negatives": 2},
-    "train": {"batch_size": 32, "max_steps": 60, "lr": 3e-3, "warmup_steps": 5, "progress": False, "log_every": 0},
+    "train": {"batch_size": 32, "max_steps": 60, "lr": 3e-3, "warmup_steps": 5, "progress": False, "log_every": 1,
+              "tensorboard": False, "ckpt_every": 0},
     "eval": {"test_size": 24, "negatives_per_kind": 1},
 }
 
@@ -132,7 +120,7 @@ def test_hard_negatives_are_distinct_scenes_without_heldout_pairs() -> None:
         assert len(negs) == 4 and not any(n.heldout for n in negs)
     assert heldout_seen  # unrestricted, they would
     b = make_batch(ds, range(64), 4, rng)
-    assert not any(p in HELDOUT_PAIRS for k in b.text_keys for p in [(c, sh) for _, c, sh in k[0]])
+    assert not any(p in HELDOUT_PAIRS for k in b.text_keys for p in [(c, sh) for sh, c, _ in k[2]])  # (shape, colour, size)
 
 
 def test_negative_weights_pick_kinds() -> None:
@@ -288,12 +276,28 @@ def test_compact_vocab_trains_the_same_function() -> None:
 # --- training, files, reranker contract ----------------------------------------------------------
 
 
+def test_param_groups_decay_weight_matrices_only() -> None:
+    """The CLIP's AdamW groups (lverse.train.optim, as BiART's): what its own rule gave before
+    the one rule existed: no decay for tensors below 2-d, embeddings and the logit scale."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_clip(cfg.model.open_clip_cfg())
+    decay, no_decay = weight_decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ref = [p for n, p in model.named_parameters()
+           if not (p.ndim < 2 or "embedding" in n or "class_embedding" in n or n.endswith("logit_scale"))]
+    assert [id(p) for p in decay["params"]] == [id(p) for p in ref]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert any(p.ndim == 4 for p in decay["params"])  # the patch convolution is a weight matrix too
+
+
 def test_tiny_training_learns_and_round_trips(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    cfg = tiny_cfg(data={"hard_negative_images": 1})
+    cfg = tiny_cfg(data={"hard_negative_images": 1}, train={"run_dir": str(tmp_path / "run")})
     run = fit_clip(cfg)
-    losses = [h["loss"] for h in run.history]
+    losses = [h["loss"] for h in run.history]  # train.log_every=1: one entry per step
     assert len(losses) == cfg.train.max_steps and all(math.isfinite(v) for v in losses)
+    assert run.metrics["steps"] == cfg.train.max_steps and run.metrics["stopped_by_time_limit"] == 0.0
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first - 0.3, (first, last)
     assert all(math.isfinite(h["hn_image_loss"]) for h in run.history)  # the negative-image term took part
@@ -341,9 +345,9 @@ def test_cli_runs_shipped_config_and_reports_errors(tmp_path: Path, capsys: pyte
                "train.max_steps=2", "train.batch_size=8", "data.hard_negatives=1", "train.progress=false",
                f"train.run_dir={run_dir}"])  # overrides on both sides of --config
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("step 2/2 loss ")  # the per-interval line when there is no progress bar
-    out = json.loads(printed[printed.index("{"):])
+    printed = capsys.readouterr()
+    assert printed.err.startswith("step 2/2 loss ")  # the trainer's per-interval line when there is no progress bar
+    out = json.loads(printed.out)
     assert out["run_dir"] == str(run_dir) and out["steps"] == 2
     model, meta = load_clip(run_dir / "clip.safetensors")
     assert meta["model_cfg"]["vision_cfg"]["width"] == TINY["model"]["vision_width"]
@@ -369,10 +373,15 @@ def test_load_clip_errors(tmp_path: Path) -> None:
         load_clip(tmp_path)
 
 
-def test_time_limit_ends_training_with_the_schedule_done() -> None:
+def test_resume_continues_with_the_same_batches(tmp_path: Path) -> None:
+    """The trainer's exact resume holds for the CLIP: each item's phrasing and negatives come
+    from the sampler's seed, not from a stream that a restart would lose."""
     torch.set_num_threads(1)
-    cfg = tiny_cfg(train={"max_steps": 100_000, "time_limit_minutes": 0.05})  # 3 s
-    run = fit_clip(cfg, evaluate=False)
-    assert 1 <= run.metrics["steps"] < 100_000 and run.metrics["stopped_by_time_limit"] == 1.0
-    assert run.metrics["train_seconds"] < 3.0 + 2.0  # the step in flight may overrun a little
-    assert run.history[-1]["lr"] < 0.5 * cfg.train.lr  # the cosine ran on wall time
+    small = {"batch_size": 16, "log_every": 1}
+    full = fit_clip(tiny_cfg(train={**small, "max_steps": 6, "run_dir": str(tmp_path / "a")}), evaluate=False)
+    fit_clip(tiny_cfg(train={**small, "max_steps": 3, "run_dir": str(tmp_path / "b")}), evaluate=False)
+    resumed = fit_clip(tiny_cfg(train={**small, "max_steps": 6, "run_dir": str(tmp_path / "b")}), evaluate=False,
+                       resume=tmp_path / "b")
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]

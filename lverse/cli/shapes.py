@@ -89,21 +89,28 @@ def benchmark(argv: list[str] | None = None) -> int:
 
 
 def train_clip(argv: list[str] | None = None) -> int:
+    from lverse.cli.train import resolve_resume_dir
     from lverse.config import ConfigError, load_config
+    from lverse.dist import cleanup
     from lverse.shapes.clip_train import ClipTrainConfig
     from lverse.shapes.clip_train import train_clip as run
 
     ap = argparse.ArgumentParser(prog="lverse train-clip",
                                  description="Train a tiny open_clip CLIP on Shapes (for the CLIP reranker).")
     ap.add_argument("--config", help="YAML recipe, e.g. configs/shapes_clip.yaml (defaults when omitted)")
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                    help="continue from the latest checkpoint of RUN_DIR (default: the config's run_dir)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.text_layers=2")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after --config
     try:
         cfg = load_config(ClipTrainConfig, args.config, args.overrides)
-        run_dir = run(cfg)
+        resume = resolve_resume_dir(args.resume, cfg.train) if args.resume is not None else None
+        result = run(cfg, resume=resume)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
-    print(json.dumps({"run_dir": str(run_dir), **metrics}, indent=2))
+    if not result.stopped:
+        cleanup()  # under torchrun: leave the process group together (see lverse.cli.train)
+    if result.model is not None:  # rank 0 of a finished run
+        print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}, indent=2))
     return 0
