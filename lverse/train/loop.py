@@ -228,7 +228,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train until ``max_steps`` (or the time limit), or until a signal stops the run."""
+        """Train until ``max_steps`` (or the time limit), or until a signal stops the run.
+        Returns ``{"step", "stopped", "run_dir", "skipped_items"}``."""
         self._open_run_dir()
         saved = self._load_checkpoint()          # weights in before the model is cast or wrapped
         model = self._setup()                    # device, precision, strategy, optimizer, schedule
