@@ -8,7 +8,6 @@ config should never be silently ignored). Command-line overrides use dotted path
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path
@@ -175,6 +174,3 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(to_dict(obj), indent=2)

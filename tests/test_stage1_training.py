@@ -22,7 +22,7 @@ from lverse.models.augvae import AugVAE, AugVAEConfig
 from lverse.train.checkpoint import CheckpointManager
 from lverse.train.logger import read_metrics
 from lverse.train.loop import Trainer
-from lverse.train.stage1 import Stage1Config, Stage1Task, describe, flat_cells, swap_flat_cells
+from lverse.train.stage1 import Stage1Config, Stage1Task, describe
 
 TINY_MODEL = dict(resolution=32, hidden_dim=32, ch_mult=[1, 1], num_res_blocks=1, z_channels=8,
                   codebook_size=32, codebook_dim=8)
@@ -161,54 +161,6 @@ def test_decoder_finetune_keeps_token_ids_and_trains_the_decoder(tmp_path: Path)
         Stage1Task(cfg)
     cfg.trainable = "decoder"
     Stage1Task(cfg)
-
-
-def test_flat_cells_and_their_swap() -> None:
-    x = torch.ones(3, 3, 16, 16)  # white, 2x2 cells of 8x8 pixels
-    x[0, :, :8, :8] = -1  # image 0, cell (0, 0): flat black
-    x[1, 0, 8:, 8:12] = -1  # image 1, cell (1, 1): half red, not flat
-    x[2, :, 8:, :8] = -1  # image 2, cell (1, 0): flat black
-    x[2, :, 0, 8] = 0.97  # within the tolerance: still flat
-    flat, key = flat_cells(x, (2, 2), 0.06)
-    assert flat.sum() == 11 and not flat[1, 1, 1]
-    assert key[0, 0, 0] == key[2, 1, 0] != key[0, 0, 1] == key[1, 0, 0]
-    with pytest.raises(ValueError, match="does not divide"):
-        flat_cells(x, (3, 3), 0.06)
-
-    q = torch.randn(3, 4, 2, 2, requires_grad=True)
-    white = [(0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (2, 0, 0), (2, 0, 1), (2, 1, 1)]
-    black = [(0, 0, 0), (2, 1, 0)]
-    vectors = lambda t, cells: {tuple(t[b, :, i, j].tolist()) for b, i, j in cells}  # noqa: E731
-    torch.manual_seed(0)
-    seen_moves = 0
-    for _ in range(20):
-        out = swap_flat_cells(x, q, 1.0, 0.06)
-        # a flat cell takes the vector of a flat cell of its own colour; other cells keep theirs
-        assert vectors(out, white) <= vectors(q, white) and vectors(out, black) <= vectors(q, black)
-        torch.testing.assert_close(out[1, :, 1, 1], q[1, :, 1, 1])
-        seen_moves += int(not torch.equal(out, q))
-    assert seen_moves > 15
-    assert torch.equal(swap_flat_cells(x, q, 0.0, 0.06), q)
-    # the gradient reaches the cells whose vectors were used
-    out = swap_flat_cells(x, q, 1.0, 0.06)
-    out.sum().backward()
-    assert q.grad is not None and q.grad[1, :, 1, 1].eq(1).all() and q.grad.sum() == out.numel()
-
-
-def test_flat_swap_trains_an_sl_and_is_sl_only(tmp_path: Path) -> None:
-    ml_dir = tmp_path / "ml"
-    fit(tiny_cfg(ml_dir, max_steps=2))
-    cfg = tiny_cfg(tmp_path / "sl", max_steps=4)
-    cfg.model.variant, cfg.init_from, cfg.flat_swap = "sl", str(ml_dir), 1.0
-    _, res = fit(cfg)
-    assert read_metrics(res["run_dir"])[-1]["mse"] > 0
-    ml = tiny_cfg(tmp_path / "ml2")
-    ml.flat_swap = 0.5
-    with pytest.raises(ConfigError, match="AugVAE-SL"):
-        Stage1Task(ml)
-    cfg.flat_swap = 1.5
-    with pytest.raises(ConfigError, match="flat_swap"):
-        Stage1Task(cfg)
 
 
 def test_init_from_takes_the_codebook_training_settings_of_the_run(tmp_path: Path) -> None:

@@ -111,6 +111,7 @@ def _config_from_args(args: dict[str, Any], variant: str, num_levels: int, path:
         ema_decay=float(args.get("quant_ema_decay", 0.99)),
         ema_eps=float(args.get("quant_ema_eps", 1e-5)),
         dropout=float(args.get("dropout", 0.0)),
+        norm_groups=32,  # the official code's GroupNorm(num_groups=32), not among its arguments
     )
 
 

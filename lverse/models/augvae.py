@@ -14,7 +14,7 @@ the last two decoders, and only the second level (32² at 256 px) is quantized: 
 Each concatenation becomes a 1×1 "connector" conv z→2z.
 
 Building blocks follow taming-transformers' Encoder/Decoder without attention: residual blocks
-GroupNorm(32, eps 1e-6) → SiLU → conv3×3 → GroupNorm → SiLU → dropout → conv3×3 (+ 1×1 shortcut
+GroupNorm(``norm_groups``, eps 1e-6) → SiLU → conv3×3 → GroupNorm → SiLU → dropout → conv3×3 (+ 1×1 shortcut
 when the width changes), downsample = pad right/bottom by one + conv3×3 stride 2, upsample =
 nearest ×2 + conv3×3. Module names mirror the official checkpoints so the converter
 (:mod:`lverse.convert.official_augvae`) is a near-identity mapping.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,49 +55,25 @@ class AugVAEConfig:
     # Ours (restarts are off in the paper): where a restarted code is placed, "random" or "error"
     # (see EMAVectorQuantizer's restart_from).
     dead_code_restart: str = "random"
-    # Ours: the normalisation in every residual block and before conv_out. "group" is the
-    # paper's (taming's GroupNorm, 32 groups). At hidden_dim 32 that is one channel per group,
-    # i.e. each channel normalised by its mean and spread over the *whole image*, which writes
-    # global content (how much of each colour the scene holds) into every cell's code, the empty
-    # ones too. "channel" normalises each position over its channels alone (a per-pixel
-    # LayerNorm, same parameters): nothing crosses cells but the convolutions' reach. On Shapes
-    # it lost reconstruction and text->image (checkpoints/shapes/README.md): no config uses it.
-    norm: str = "group"
+    # Groups of every GroupNorm: 32 in the paper and the released checkpoints. A config option
+    # so that test models can be narrower than 32 channels (hidden_dim must be a multiple).
+    norm_groups: int = 32
 
 
 # The chained encoders E(2,.) and decoders G(2,.) always use these multipliers of hidden_dim.
 INNER_CH_MULT: tuple[int, ...] = (2, 4)
 
 
-NORMS = ("group", "channel")
-
-
-class ChannelNorm(nn.Module):
-    """LayerNorm over the channels at each position (weight/bias named like GroupNorm's)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
-
-
-def _norm(channels: int, kind: str = "group") -> nn.Module:
-    if kind == "channel":
-        return ChannelNorm(channels)
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: str = "group") -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels, norm)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels, norm)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (
@@ -132,10 +108,10 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, dropout: float, norm: str = "group") -> None:
+    def __init__(self, channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, norm)
-        self.block_2 = ResnetBlock(channels, channels, dropout, norm)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.block_1(x))
@@ -161,7 +137,7 @@ class Encoder(nn.Module):
 
     def __init__(
         self, in_channels: int, hidden_dim: int, ch_mult: Sequence[int], num_res_blocks: int,
-        z_channels: int, dropout: float, norm: str = "group",
+        z_channels: int, dropout: float, groups: int,
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, hidden_dim, 3, padding=1)
@@ -170,12 +146,12 @@ class Encoder(nn.Module):
         block_out = hidden_dim
         for i, mult in enumerate(ch_mult):
             block_in, block_out = hidden_dim * in_mult[i], hidden_dim * mult
-            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, dropout, norm)
+            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, dropout, groups)
                       for j in range(num_res_blocks)]
             down = Downsample(block_out) if i != len(ch_mult) - 1 else None
             self.down.append(DownLevel(blocks, down))
-        self.mid = MidBlock(block_out, dropout, norm)
-        self.norm_out = _norm(block_out, norm)
+        self.mid = MidBlock(block_out, dropout, groups)
+        self.norm_out = _norm(block_out, groups)
         self.conv_out = nn.Conv2d(block_out, z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -196,22 +172,22 @@ class Decoder(nn.Module):
 
     def __init__(
         self, in_channels: int, hidden_dim: int, ch_mult: Sequence[int], num_res_blocks: int,
-        out_channels: int, dropout: float, norm: str = "group",
+        out_channels: int, dropout: float, groups: int,
     ) -> None:
         super().__init__()
         block_in = hidden_dim * ch_mult[-1]
         self.conv_in = nn.Conv2d(in_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in, dropout, norm)
+        self.mid = MidBlock(block_in, dropout, groups)
         levels: list[UpLevel] = []
         for i in reversed(range(len(ch_mult))):
             block_out = hidden_dim * ch_mult[i]
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout, norm))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, groups))
                 block_in = block_out
             levels.insert(0, UpLevel(blocks, Upsample(block_in) if i != 0 else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in, norm)
+        self.norm_out = _norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -267,8 +243,10 @@ class AugVAE(nn.Module):
         if cfg.variant == "sl" and cfg.num_levels < 2:
             raise ValueError(f"AugVAEConfig.num_levels must be >= 2 for SL (it is finetuned from "
                              f"an ML with >= 2 levels), got {cfg.num_levels}")
-        if cfg.norm not in NORMS:
-            raise ValueError(f"AugVAEConfig.norm must be one of {NORMS}, got {cfg.norm!r}")
+        if cfg.norm_groups < 1 or cfg.hidden_dim % cfg.norm_groups != 0:
+            # every width is a multiple of hidden_dim, so this is the one divisibility to check
+            raise ValueError(f"AugVAEConfig: hidden_dim {cfg.hidden_dim} is not a multiple of "
+                             f"norm_groups {cfg.norm_groups}")
         self.cfg = cfg
         n_enc = cfg.num_levels if cfg.variant == "ml" else 2
         factor = 2 ** (len(cfg.ch_mult) - 1)
@@ -283,10 +261,10 @@ class AugVAE(nn.Module):
         self.token_grids: list[tuple[int, int]] = [(finest >> i, finest >> i) for i in self.levels]
         self.tokens_per_image: int = sum(h * w for h, w in self.token_grids)
 
-        z, hd, nrb, do, nm = cfg.z_channels, cfg.hidden_dim, cfg.num_res_blocks, cfg.dropout, cfg.norm
+        z, hd, nrb, do, ng = cfg.z_channels, cfg.hidden_dim, cfg.num_res_blocks, cfg.dropout, cfg.norm_groups
         self.encoders = nn.ModuleList(
-            [Encoder(cfg.in_channels, hd, cfg.ch_mult, nrb, z, do, nm)]
-            + [Encoder(z, hd, INNER_CH_MULT, nrb, z, do, nm) for _ in range(n_enc - 1)]
+            [Encoder(cfg.in_channels, hd, cfg.ch_mult, nrb, z, do, ng)]
+            + [Encoder(z, hd, INNER_CH_MULT, nrb, z, do, ng) for _ in range(n_enc - 1)]
         )
         n_q = len(self.levels)
         self.pre_quant = SharedConv1x1(z, cfg.codebook_dim, n_q)
@@ -301,22 +279,24 @@ class AugVAE(nn.Module):
             # G(2,.) for every level but the finest; the coarsest takes z, the others the
             # concatenation [latent, previous decoder output] (2z); G(4,3) makes the image.
             for i in range(n_enc - 1):
-                decoders.append(Decoder(z if i == 0 else 2 * z, hd, INNER_CH_MULT, nrb, z, do, nm))
+                decoders.append(Decoder(z if i == 0 else 2 * z, hd, INNER_CH_MULT, nrb, z, do, ng))
             last_in = z if n_enc == 1 else 2 * z
             self.connectors = None
         else:
-            decoders.append(Decoder(2 * z, hd, INNER_CH_MULT, nrb, z, do, nm))
+            decoders.append(Decoder(2 * z, hd, INNER_CH_MULT, nrb, z, do, ng))
             last_in = 2 * z
             # connectors[i] widens decoder i's input z -> 2z in place of the concatenation
             self.connectors = nn.ModuleList([nn.Conv2d(z, 2 * z, 1) for _ in range(2)])
-        decoders.append(Decoder(last_in, hd, cfg.ch_mult, nrb, cfg.in_channels, do, nm))
+        decoders.append(Decoder(last_in, hd, cfg.ch_mult, nrb, cfg.in_channels, do, ng))
         self.decoders = nn.ModuleList(decoders)
 
     # ---------------------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, config: dict[str, Any] | AugVAEConfig) -> "AugVAE":
-        cfg = config if isinstance(config, AugVAEConfig) else from_dict(AugVAEConfig, dict(config))
-        return cls(cfg)
+    def from_config(cls, config: dict[str, Any] | AugVAEConfig, where: str = "AugVAE config") -> "AugVAE":
+        """``where`` names the config's source (a file) in errors."""
+        if isinstance(config, AugVAEConfig):
+            return cls(config)
+        return cls(from_dict(AugVAEConfig, _drop_retired_norm(dict(config), where)))
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (.safetensors) and its JSON ``{"kind": "augvae", "config": ...}``."""
@@ -330,7 +310,7 @@ class AugVAE(nn.Module):
                 f"{path}: its JSON config does not describe an AugVAE "
                 f"(kind={meta.get('kind')!r}); expected {{'kind': 'augvae', 'config': {{...}}}}"
             )
-        model = cls.from_config(meta["config"]).to(device)
+        model = cls.from_config(meta["config"], str(path)).to(device)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -386,16 +366,10 @@ class AugVAE(nn.Module):
             h = decoder(connector(h))
         return h
 
-    def forward(self, x: Tensor, edit_quants: Callable[[Tensor, list[Tensor]], list[Tensor]] | None = None) -> AugVAEOutput:
-        """``edit_quants(x, quants)``, if given, may alter the quantized maps before decoding
-        (a training augmentation such as :func:`lverse.train.stage1.swap_flat_cells`)."""
-        latents = self.encode_latents(x)
-        results = self.quantizer.quantize_levels(latents)
-        quants = [r[0] for r in results]
-        if edit_quants is not None:
-            quants = edit_quants(x, quants)
+    def forward(self, x: Tensor) -> AugVAEOutput:
+        results = self.quantizer.quantize_levels(self.encode_latents(x))
         commit = torch.stack([r[1] for r in results]).sum()
-        recon = self.decode_quantized(quants)
+        recon = self.decode_quantized([r[0] for r in results])
         return AugVAEOutput(recon=recon, commit_loss=commit, indices=[r[2] for r in results])
 
     def _check_images(self, x: Tensor) -> None:
@@ -433,6 +407,15 @@ class AugVAE(nn.Module):
             quants.append(self.quantizer.embed(idx).permute(0, 3, 1, 2))
             start += h * w
         return self.decode_quantized(quants)
+
+
+def _drop_retired_norm(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """``config`` without the retired ``norm`` key, which files written before ``norm_groups``
+    hold: ``"group"`` is what the model still is (GroupNorm); ``"channel"`` cannot be built."""
+    norm = config.pop("norm", "group")
+    if norm != "group":
+        raise ValueError(f"{where}: an AugVAE with norm={norm!r}, which lverse no longer builds (GroupNorm only)")
+    return config
 
 
 @torch.no_grad()

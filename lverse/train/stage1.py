@@ -46,59 +46,9 @@ class Stage1Config:
     # conv, connectors, decoders); the encoders, pre-quant conv and codebook are frozen, so an
     # image's token ids stay exactly what they were and a BiART trained on them stays valid.
     trainable: str = "all"
-    # Ours, not in the paper (0 there). The share of *flat* cells (every pixel of the cell within
-    # flat_tolerance of each other: plain background) whose quantized code is replaced, before
-    # decoding, by the code of another flat cell of about the same colour anywhere in the batch.
-    # The decoder then cannot read an object from the codes of the empty cells around it, so
-    # the encoder must write each object into its own cells: more local tokens. SL only (one
-    # token map). On Shapes at 1.0 it made the codes more local but cost reconstruction (98.4% ->
-    # 94.6% exact), so the shipped configs leave it off; see checkpoints/shapes/README.md.
-    flat_swap: float = 0.0
-    flat_tolerance: float = 0.06   # on the [-1, 1] pixel scale
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(name="augvae"))
-
-
-def flat_cells(images: torch.Tensor, grid: tuple[int, int], tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a ``grid`` of cells over ``images`` (B, C, H, W): ``flat`` (B, h, w) bool, cells whose
-    pixels all lie within ``tolerance`` of each other in every channel, and ``key`` (B, h, w), an
-    integer naming the cell's mean colour rounded to steps of 1/8 (equal keys: same colour)."""
-    B, C, H, W = images.shape
-    h, w = grid
-    if H % h or W % w:
-        raise ValueError(f"flat_cells: a {h}x{w} grid does not divide {H}x{W} images")
-    cells = images.float().reshape(B, C, h, H // h, w, W // w)
-    spread = (cells.amax((3, 5)) - cells.amin((3, 5))).amax(1)
-    level = (cells.mean((3, 5)) * 8).round().long().clamp(-8, 8) + 8  # B, C, h, w in 0..16
-    key = torch.zeros(B, h, w, dtype=torch.long, device=images.device)
-    for c in range(C):
-        key = key * 17 + level[:, c]
-    return spread <= tolerance, key
-
-
-def swap_flat_cells(images: torch.Tensor, quant: torch.Tensor, p: float, tolerance: float) -> torch.Tensor:
-    """``quant`` (B, D, h, w) with each flat cell's vector, with probability ``p``, replaced by
-    that of a random flat cell of the same colour key anywhere in the batch (see :func:`flat_cells`).
-    Gradients flow to the vector's source cell."""
-    B, D, h, w = quant.shape
-    flat, key = flat_cells(images, (h, w), tolerance)
-    idx = flat.flatten().nonzero().squeeze(1)  # positions of flat cells in the B*h*w list
-    if idx.numel() < 2:
-        return quant
-    keys = key.flatten()[idx]
-    order = torch.argsort(keys, stable=True)
-    _, counts = torch.unique_consecutive(keys[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    group_start = torch.repeat_interleave(starts, counts)  # per sorted position
-    group_size = torch.repeat_interleave(counts, counts)
-    partner_sorted = group_start + (torch.rand(idx.numel(), device=quant.device) * group_size).long()
-    src = torch.empty_like(idx)
-    src[order] = idx[order[partner_sorted]]  # each flat cell's partner, in idx order
-    take = torch.rand(idx.numel(), device=quant.device) < p
-    flat_q = quant.permute(0, 2, 3, 1).reshape(B * h * w, D)
-    out = flat_q.index_copy(0, idx[take], flat_q.index_select(0, src[take]))
-    return out.reshape(B, h, w, D).permute(0, 3, 1, 2)
 
 
 def build_stage1_model(cfg: Stage1Config) -> AugVAE:
@@ -159,10 +109,6 @@ class Stage1Task(Task):
         # check the config before loading any checkpoint, so a typo fails at once
         if cfg.model.dead_code_restart not in RESTART_FROM:
             raise ConfigError(f"model.dead_code_restart must be one of {RESTART_FROM}, got {cfg.model.dead_code_restart!r}")
-        if not 0.0 <= cfg.flat_swap <= 1.0:
-            raise ConfigError(f"flat_swap={cfg.flat_swap} must be in [0, 1]")
-        if cfg.flat_swap > 0 and cfg.model.variant != "sl":
-            raise ConfigError("flat_swap applies to AugVAE-SL (one token map); model.variant is " + cfg.model.variant)
         if cfg.trainable not in ("all", "decoder"):
             raise ConfigError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
         if cfg.trainable == "decoder" and not cfg.init_from:
@@ -194,11 +140,8 @@ class Stage1Task(Task):
 
     def training_step(self, model: nn.Module, batch: dict[str, Any], step: int, autocast: Callable) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch["image"].to(self.device, non_blocking=True)
-        edit = None
-        if self.cfg.flat_swap > 0:
-            edit = lambda img, quants: [swap_flat_cells(img, quants[0], self.cfg.flat_swap, self.cfg.flat_tolerance)]  # noqa: E731
         with autocast():
-            out = model(x, edit)
+            out = model(x)
         recon = out.recon.float()
         mse = F.mse_loss(recon, x)
         loss = mse + out.commit_loss.float()
