@@ -210,7 +210,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_codebooks_stay_identical(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # fork: the workers inherit the imported torch (a spawned worker spends seconds importing it)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name in ("sync", "restart", "default_ddp"):

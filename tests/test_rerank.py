@@ -91,7 +91,8 @@ def trained() -> BiART:
     m = BiART(cfg)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(400):  # both directions, alternately, as in stage 2
+    # 200 steps: true pairs win 47-50 of 50 in either direction (model/data seeds 0-2; 150: 24-49)
+    for step in range(200):  # both directions, alternately, as in stage 2
         text, img = _pairs(64, g)
         loss, _ = m.loss(*m.build_sequence(text, img, "t2i" if step % 2 == 0 else "i2t"))
         opt.zero_grad()
