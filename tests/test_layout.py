@@ -14,6 +14,7 @@ FLOORS = [
     {"vocab", "config", "files", "dist", "tokenizer"},
     {"models", "data", "convert"},
     {"train", "inference"},
+    {"eval"},
     {"shapes"},
     {"cli", "__main__"},
 ]

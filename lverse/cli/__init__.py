@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lverse.cli.shapes", "demo"),
     "benchmark": ("lverse.cli.shapes", "benchmark"),
     "train-clip": ("lverse.cli.shapes", "train_clip"),
+    "evaluate": ("lverse.cli.evaluate", "main"),
 }
 
 
