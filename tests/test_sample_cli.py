@@ -438,3 +438,14 @@ def test_cli_demo_and_benchmark_read_the_same_defaults(ckpt: Path, tmp_path: Pat
         report = real(pipe, n=2, candidates=pipe.defaults("text_to_image").candidates, log=lambda s: None)
         for got in (seen[0], report["settings"]):
             assert got == {d: dataclasses.asdict(s) for d, s in expected.items()}
+
+
+def test_a_bad_augvae_config_in_a_bundle_names_the_file(ckpt: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    meta = json.loads((bad / "augvae.json").read_text())
+    for key, value in (("hidden_dimm", 3), ("norm", "channel")):
+        (bad / "augvae.json").write_text(json.dumps({**meta, "config": {**meta["config"], key: value}}))
+        assert main(["--checkpoint", str(bad), "--text", "a red circle", *BASE]) != 0
+        line = _err_line(capsys)
+        assert str(bad / "augvae.json") in line and key in line

@@ -288,9 +288,10 @@ def check_compatible_configs(
     augvae_cfg: dict[str, Any], biart_cfg: dict[str, Any], tokenizer_vocab: int, root: Path | None
 ) -> None:
     """Raise ``ValueError`` when BiART's vocabulary/lengths do not match AugVAE and tokenizer."""
-    b = from_dict(BiARTConfig, dict(biart_cfg), "biart")
+    where = (lambda name: str(root / name)) if root is not None else (lambda name: name)
+    b = from_dict(BiARTConfig, dict(biart_cfg), where("biart.json"))
     with torch.device("meta"):  # tokens_per_image without allocating or initialising weights
-        augvae = AugVAE.from_config(augvae_cfg)
+        augvae = AugVAE.from_config(augvae_cfg, where=where("augvae.json"))
     _check_pairs(
         [
             ("num_image_codes", b.num_image_codes, "codebook_size", augvae.cfg.codebook_size, AUGVAE_FILE),

@@ -296,7 +296,7 @@ class AugVAE(nn.Module):
         """``where`` names the config's source (a file) in errors."""
         if isinstance(config, AugVAEConfig):
             return cls(config)
-        return cls(from_dict(AugVAEConfig, _drop_retired_norm(dict(config), where)))
+        return cls(from_dict(AugVAEConfig, _drop_retired_norm(dict(config), where), where))
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (.safetensors) and its JSON ``{"kind": "augvae", "config": ...}``."""
