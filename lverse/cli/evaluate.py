@@ -206,7 +206,10 @@ def _settings(args: argparse.Namespace, job: Any, kind: str, spec: dict[str, Any
 def _finish(args: argparse.Namespace, report: dict[str, Any] | None, markdown: Any, run: Any, seconds: float) -> int:
     if report is None:
         return 0
-    report["seconds"] = round(seconds, 1)
+    from lverse.eval.run import environment
+
+    report["seconds"] = round(seconds, 1)  # this invocation's (a resumed run counts from its restart)
+    report["environment"] = environment()
     run.write_json("report.json", report)
     text = markdown(report)
     run.write_text("report.md", text)

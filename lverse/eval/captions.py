@@ -21,6 +21,8 @@ every call in a process.
 """
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import os
 import shutil
@@ -121,7 +123,36 @@ def _meteor() -> Any:
             from pycocoevalcap.meteor.meteor import Meteor
 
             _METEOR["scorer"] = Meteor()
+            atexit.register(_close_meteor)
         return _METEOR["scorer"]
+
+
+def _close_meteor() -> None:
+    """End the METEOR process and close its pipes (pycocoevalcap's ``__del__`` leaves them open)."""
+    scorer = _METEOR.pop("scorer", None)
+    proc = getattr(scorer, "meteor_p", None)
+    if proc is None:
+        return
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+    proc.kill()
+    proc.wait()
+    scorer.meteor_p = _Gone()  # pycocoevalcap's __del__ runs later and must find nothing to do
+
+
+class _Gone:
+    """Stands in for a closed METEOR process in pycocoevalcap's ``__del__``."""
+
+    def __init__(self) -> None:
+        self.stdin = io.BytesIO()
+
+    def kill(self) -> None: ...
+
+    def wait(self) -> None: ...
 
 
 def _spice(gts: dict[int, list[str]], res: dict[int, list[str]], corenlp: Path, workdir: Path) -> tuple[float, list[float]]:

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from lverse.eval.captions import METRICS, coco_results, score_captions
-from lverse.eval.run import RunDir, bundle_identity, log
+from lverse.eval.run import RunDir, bundle_identity, environment, log
 from lverse.inference.pipeline import LVersePipeline
 from lverse.shapes.benchmark import CANDIDATES, RERANKERS, markdown_table, run_benchmark
 from lverse.shapes.scenes import ShapesDataset, phrasings
@@ -77,6 +77,7 @@ def shapes_protocol(
                                  "units": "x100, as the papers print them", "skipped_metrics": skipped,
                                  "implementations": impl}
     report["protocol_seconds"] = round(time.time() - t0, 1)
+    report["environment"] = environment()
     run.write_json("report.json", report)
     run.write_text("report.md", shapes_markdown(report))
     return report
