@@ -7,6 +7,7 @@
     lverse bundle ...           trained runs -> the checkpoint directory sampling loads
     lverse sample ...           text -> images, image -> captions, reranked (= sample.py)
     lverse convert ...          an official AugVAE .ckpt -> lverse safetensors
+    lverse evaluate ...         the papers' protocols: captions, t2i, recon, cycle, shapes
     lverse demo ...             the Shapes demo on the shipped checkpoints (the README's main job)
     lverse benchmark ...        the Shapes benchmark: every stage judged on a fixed test set
     lverse train-clip ...       the tiny Shapes CLIP used for reranking
