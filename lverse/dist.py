@@ -2,11 +2,19 @@
 
 `torchrun` exports RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train_x.py` run has none of
 them and is a world of one. NCCL on GPUs, gloo on CPU.
+
+Restarts (``torchrun --max-restarts N``): the workers of a new attempt meet in the same key-value
+store as those of the failed one (torchrun's agent keeps it, with static and with ``c10d``
+rendezvous alike), where the dead workers' addresses are still written. Joining it as
+``init_method="env://"`` does, a new worker could read a dead peer's address and fail with
+gloo's "connectFullMesh failed ... Connection refused" (NCCL likewise reads a stale unique id).
+So under torchrun each attempt joins under its own key prefix (``TORCHELASTIC_RESTART_COUNT``).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,10 +63,26 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:  # not torchrun (e.g. test workers): the environment's rendezvous
+            dist.init_process_group(backend=backend, init_method="env://")
+        else:
+            dist.init_process_group(backend=backend, store=_attempt_store(rank, world, restart), rank=rank,
+                                    world_size=world)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(rank: int, world: int, restart: str) -> dist.Store:
+    """torchrun's store at MASTER_ADDR:MASTER_PORT, under a prefix of its own for this attempt
+    (see the module doc). The agent serves it when it says so (TORCHELASTIC_USE_AGENT_STORE);
+    otherwise rank 0 does, as ``env://`` would."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = timedelta(minutes=30)  # torch's default for process groups
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=not agent and rank == 0, timeout=timeout, multi_tenant=not agent)
+    return dist.PrefixStore(f"lverse/attempt_{restart}", store)
 
 
 def is_dist() -> bool:

@@ -1,12 +1,17 @@
 """Files: safetensors weights with a JSON config beside them, run directories, image grids.
 
 A weights file ``NAME.safetensors`` always has ``NAME.json`` next to it holding the model's
-config (and whatever else a loader needs, e.g. the kind of model). Loading never unpickles:
-safetensors and JSON only. Every write goes to a temporary file in the same directory first
-and is then renamed, so a crash mid-write never leaves a half-written checkpoint behind.
+config (and whatever else a loader needs, e.g. the kind of model) and the file's checksum
+(``"checksum": {"sha256", "bytes"}``), which :func:`load_weights` verifies: a truncated file or a
+flipped bit is an error naming the file, never weights that load silently wrong. Hashing reads
+the whole file once (about a second per GB); ``LVERSE_VERIFY_CHECKSUMS=0`` skips it (files
+written before checksums were recorded are not checked). Loading never unpickles: safetensors
+and JSON only. Every write goes to a temporary file in the same directory first and is then
+renamed, so a crash mid-write never leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +21,9 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+CHECKSUM_KEY = "checksum"  # in the JSON beside a weights file: {"sha256": hex, "bytes": size}
+VERIFY_ENV = "LVERSE_VERIFY_CHECKSUMS"
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -48,6 +56,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, _w)
 
 
+def file_checksum(path: str | Path) -> dict[str, Any]:
+    """``{"sha256": hex digest, "bytes": size}`` of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "bytes": os.path.getsize(path)}
+
+
+def verify_checksum(path: str | Path, expected: dict[str, Any] | None, verify: bool | None = None) -> None:
+    """Raise ``ValueError`` naming ``path`` when it does not match ``expected`` (a
+    :func:`file_checksum` record). No record, or ``verify`` False (default: on unless
+    ``$LVERSE_VERIFY_CHECKSUMS`` is ``0``), checks nothing."""
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV, "1") != "0"
+    if not verify or not isinstance(expected, dict) or "sha256" not in expected:
+        return
+    size = os.path.getsize(path)
+    if "bytes" in expected and size != expected["bytes"]:  # a truncated file, told without hashing it
+        raise ValueError(f"{path}: damaged: {size} bytes, its checksum record says {expected['bytes']}")
+    if file_checksum(path)["sha256"] != expected["sha256"]:
+        raise ValueError(f"{path}: damaged: its sha256 differs from the one recorded when it was written "
+                         f"(set {VERIFY_ENV}=0 to load it anyway)")
+
+
 def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage; clone any that do so the file is flat.
     seen: set[int] = set()
@@ -65,19 +98,29 @@ def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def save_weights(
     path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``state`` to ``path`` (``.safetensors``) and ``config`` to the ``.json`` beside it."""
+    """Write ``state`` to ``path`` (``.safetensors``) and ``config``, with the file's checksum, to
+    the ``.json`` beside it."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     flat = _contiguous_unshared(state)
-    atomic_write(path, lambda tmp: save_file(flat, tmp))
+    checksum: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        save_file(flat, tmp)
+        checksum.update(file_checksum(tmp))  # of the bytes on disk, before the rename
+
+    atomic_write(path, write)
     if config is not None:
-        atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2, default=str))
+        atomic_write_text(path.with_suffix(".json"), json.dumps({**config, CHECKSUM_KEY: checksum}, indent=2, default=str))
     return path
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a ``.safetensors`` file and its ``.json`` config (empty dict when absent)."""
+def load_weights(path: str | Path, device: str | torch.device = "cpu",
+                 verify: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a ``.safetensors`` file and its ``.json`` config (empty dict when absent), after
+    checking the file against the checksum in the JSON (``verify``: see :func:`verify_checksum`).
+    The returned config does not hold the checksum."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a directory; expected a .safetensors file")
@@ -85,17 +128,20 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         path = path.with_suffix(".safetensors")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     cfg_path = path.with_suffix(".json")
     config: dict[str, Any] = {}
     if cfg_path.is_file():
         try:
             config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    verify_checksum(path, config.pop(CHECKSUM_KEY, None), verify)
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     return state, config
 
 

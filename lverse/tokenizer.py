@@ -23,7 +23,10 @@ The pipeline, step by step (CLIP's, in this order):
    regex): every byte is a symbol, so no text is ever out of vocabulary.
 4. **BPE** (``tokenizers``): ``models.BPE`` with ``end_of_word_suffix="</w>"``: the last symbol
    of each word carries ``</w>``, then merges apply in rank order — exactly CLIP's ``bpe()``.
-   BPE-dropout (0.1, docs/design.md §3.4) runs on a second ``tokenizers`` object and only when asked.
+   BPE-dropout (0.1, docs/design.md §3.4), only when asked, runs in Python instead
+   (:meth:`TextTokenizer._bpe_dropout`): ``tokenizers`` draws its dropout from a thread RNG that
+   cannot be seeded, and training needs each caption's draw to follow a seed it controls (the
+   sampler's, per item and epoch) so that a run is reproducible and a resumed run exact.
 
 Vocabulary layout (CLIP's, reused for trained vocabularies): the 256 byte symbols, the same 256
 with ``</w>``, one token per merge in merge order, then ``<start_of_text>`` and
@@ -41,6 +44,7 @@ import gzip
 import html
 import importlib.util
 import json
+import random
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -181,17 +185,16 @@ class TextTokenizer:
         self._id_to_token: list[str] = [""] * self.vocab_size
         for tok, i in vocab.items():
             self._id_to_token[i] = tok
-        self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        self._byte_encoder = bytes_to_unicode()
+        self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._specials = (SOT_TOKEN, EOT_TOKEN)
         self._pattern = _pretokenize_regex(self._specials)
-        self._tok = self._build(dropout=None)
-        self._tok_dropout: dict[float, Tokenizer] = {}  # p -> tokenizer, built on first use
+        self._tok = self._build()
+        self._ranks: dict[tuple[str, str], int] | None = None  # merge -> rank, for dropout; built on first use
 
-    def _build(self, dropout: float | None) -> Tokenizer:
+    def _build(self) -> Tokenizer:
         try:
-            model = models.BPE(
-                vocab=self._vocab, merges=self._merges, dropout=dropout, end_of_word_suffix=EOW, fuse_unk=False
-            )
+            model = models.BPE(vocab=self._vocab, merges=self._merges, end_of_word_suffix=EOW, fuse_unk=False)
         except Exception as e:  # tokenizers raises its own exception type
             raise ValueError(f"invalid BPE vocabulary/merges: {e}") from None
         tok = Tokenizer(model)
@@ -280,38 +283,69 @@ class TextTokenizer:
             raise TypeError(f"expected a string, got {type(text).__name__}: {text!r}")
         return self._pattern.findall(clean_text(text))
 
-    def _tokenizer(self, dropout: bool | float) -> Tokenizer:
-        """The deterministic tokenizer, or one with BPE-dropout: ``True`` means ``dropout_p``; a
-        float is taken as the probability itself (0 = none)."""
+    def _dropout_p(self, dropout: bool | float) -> float:
+        """``True`` means ``dropout_p``; a float is taken as the probability itself (0 = none)."""
         if isinstance(dropout, bool) or dropout in (0, 1) and isinstance(dropout, int):
-            p = self.dropout_p if dropout else 0.0
-        else:
-            p = float(dropout)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"BPE dropout must be a bool or a probability in [0, 1), got {dropout}")
-        if p == 0.0:
-            return self._tok
-        if p not in self._tok_dropout:
-            self._tok_dropout[p] = self._build(dropout=p)
-        return self._tok_dropout[p]
+            return self.dropout_p if dropout else 0.0
+        p = float(dropout)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"BPE dropout must be a bool or a probability in [0, 1), got {dropout}")
+        return p
 
-    def _encode_many(self, texts: Sequence[str], dropout: bool | float) -> list[list[int]]:
-        joined = [" ".join(self.pretokenize(t)) for t in texts]
-        tok = self._tokenizer(dropout)
+    def _bpe_dropout(self, word: str, p: float, rng: random.Random) -> list[int]:
+        """BPE-dropout (Provilkov et al., 2020) of one pre-token, every draw from ``rng``: start
+        from the word's byte symbols (the last one with ``</w>``); then, again and again, keep each
+        adjacent pair that has a merge with probability ``1 - p`` and apply the best-ranked kept one
+        (its leftmost occurrence), until no pair is kept. With ``p = 0`` this is plain BPE, the same
+        ids as ``tokenizers`` (a merge always ranks after the merges that built its parts)."""
+        if word in self._specials:
+            return [self._vocab[word]]
+        if self._ranks is None:
+            self._ranks = {}
+            for r, pair in enumerate(self._merges):
+                self._ranks.setdefault(pair, r)  # the first rank, as the BPE applies it
+        ranks = self._ranks
+        syms = [self._byte_encoder[b] for b in word.encode("utf-8")]
+        syms[-1] += EOW
+        while len(syms) > 1:
+            best, best_rank = -1, len(ranks)
+            for i in range(len(syms) - 1):
+                r = ranks.get((syms[i], syms[i + 1]))
+                # a worse pair than the best kept one needs no draw: it would not be chosen anyway
+                if r is not None and r < best_rank and rng.random() >= p:
+                    best, best_rank = i, r
+            if best < 0:
+                break
+            syms[best : best + 2] = [syms[best] + syms[best + 1]]
+        return [self._vocab[s] for s in syms]
+
+    def _encode_many(self, texts: Sequence[str], dropout: bool | float,
+                     seeds: Sequence[int] | None = None) -> list[list[int]]:
+        words = [self.pretokenize(t) for t in texts]
+        p = self._dropout_p(dropout)
+        if p > 0.0:
+            if seeds is not None and len(seeds) != len(texts):
+                raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
+            # one generator per text: its draw depends on its seed alone, not on its batch
+            rngs = [random.Random(s) for s in seeds] if seeds is not None else [random.Random() for _ in texts]
+            return [[i for w in ws for i in self._bpe_dropout(w, p, rng)] for ws, rng in zip(words, rngs)]
         # The batch API runs the BPE for all texts at once (in parallel threads); the _fast
         # variant (tokenizers >= 0.21) skips the character offsets, which nothing here needs.
-        batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        return [enc.ids for enc in batch(joined, add_special_tokens=False)]
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [enc.ids for enc in batch([" ".join(ws) for ws in words], add_special_tokens=False)]
 
-    def encode(self, text: str, dropout: bool | float = False) -> list[int]:
+    def encode(self, text: str, dropout: bool | float = False, seed: int | None = None) -> list[int]:
         """Ids of ``text`` without special tokens; BPE-dropout only when asked (``dropout=True``
-        uses ``dropout_p``, 0.1 by default; a float sets the probability)."""
-        return self._encode_many([text], dropout)[0]
+        uses ``dropout_p``, 0.1 by default; a float sets the probability), drawn from ``seed``
+        (None: a fresh draw each call)."""
+        return self._encode_many([text], dropout, None if seed is None else [seed])[0]
 
     def encode_batch(
-        self, texts: Sequence[str], length: int = 64, dropout: bool | float = False, add_eot: bool = True
+        self, texts: Sequence[str], length: int = 64, dropout: bool | float = False, add_eot: bool = True,
+        seeds: Sequence[int] | None = None,
     ) -> torch.LongTensor:
         """``(B, length)`` ids: each text's ids, then ``eot_id`` (if ``add_eot``), then ``PAD`` (-1).
+        ``seeds``: one per text, for its BPE-dropout draw (see :meth:`encode`).
 
         A text that does not fit is cut to ``length`` tokens and loses its end token; one warning
         per call says how many texts and tokens were dropped.
@@ -322,7 +356,7 @@ class TextTokenizer:
             raise ValueError(f"length must be >= 1, got {length}")
         rows: list[list[int]] = []
         n_cut = dropped = longest = 0
-        for seq in self._encode_many(texts, dropout):
+        for seq in self._encode_many(texts, dropout, seeds):
             if add_eot:
                 seq.append(self.eot_id)
             if len(seq) > length:

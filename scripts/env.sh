@@ -22,3 +22,13 @@ fi
 export PATH="$LVERSE_VENV/bin:$PATH"
 export PYTHONUNBUFFERED=1
 cd "$LVERSE_ROOT"
+
+# torchrun for the multi-GPU recipes. c10d rendezvous: NNODES nodes meet at MASTER_ADDR:MASTER_PORT
+# (the first node); run the same command on every node. After a failure (a rank killed, a node
+# lost) torchrun restarts the workers up to MAX_RESTARTS times, and `--resume auto` in the
+# scripts continues from the run's newest checkpoint (a requeued job does the same).
+lverse_torchrun() {
+  exec torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${GPUS:-1}" --max-restarts "${MAX_RESTARTS:-3}" \
+    --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
+    --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-lverse}}" "$@"
+}

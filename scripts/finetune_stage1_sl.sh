@@ -2,7 +2,7 @@
 # Stage 1b: finetune a trained AugVAE-ML into AugVAE-SL (32x32 tokens at 256 px).
 #   Paper recipe:  DATA=/data/imagenet/train ML=runs/augvae_ml_paper GPUS=8 bash scripts/finetune_stage1_sl.sh
 #   Tiny Shapes:   RECIPE=shapes bash scripts/finetune_stage1_sl.sh   (after RECIPE=shapes train_stage1_ml.sh)
-# Extra arguments are config overrides. Resume: add --resume.
+# Extra arguments are config overrides. Running it again continues the run (--resume auto, env.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 RECIPE="${RECIPE:-paper}"
@@ -11,7 +11,5 @@ if [ "$RECIPE" = shapes ]; then
 fi
 : "${DATA:?set DATA to the ImageNet train folder (class sub-folders) or a tar-shard glob}"
 : "${ML:?set ML to the AugVAE-ML run directory or model.safetensors}"
-GPUS="${GPUS:-1}"
-exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$GPUS" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  train_augvae.py --config configs/augvae_sl_paper.yaml init_from="$ML" data.kind="${KIND:-folder}" data.path="$DATA" "$@"
+lverse_torchrun train_augvae.py --config configs/augvae_sl_paper.yaml --resume auto init_from="$ML" \
+  data.kind="${KIND:-folder}" data.path="$DATA" "$@"

@@ -254,6 +254,27 @@ def test_tar_train_is_seeded_and_damaged_shard_survives(tmp_path: Path) -> None:
     assert ds.skip_summary() == {"bad_shard": 1}
 
 
+def test_a_shard_cut_between_members_is_counted(tmp_path: Path) -> None:
+    """tarfile reads a shard cut exactly at a member boundary as a short, healthy one; the
+    missing end-of-archive block gives it away: its samples before the cut come out, and the
+    shard is a bad_shard (warned and counted), not a silent loss."""
+    import tarfile
+
+    samples = [{"__key__": f"k{k}", "png": _noise(20, 20, k)} for k in range(4)]
+    (path,) = write_tar_shards(samples, tmp_path / "s", samples_per_shard=4)
+    with tarfile.open(path) as tf:
+        cut = tf.getmembers()[2].offset
+    full = path.read_bytes()
+    path.write_bytes(full[:cut])
+    ds = TarShardDataset(path, resolution=8, train=False)
+    with pytest.warns(BadImageWarning, match="truncated"):
+        items = list(ds)
+    assert [x["key"] for x in items[:2]] == ["shard-000000/k0", "shard-000000/k1"]
+    assert items[2:] == [Skipped("bad_shard", str(path))] and ds.skip_summary() == {"bad_shard": 1}
+    path.write_bytes(full[: len(full) - 512])  # one end block of the two is enough: complete
+    assert len(list(TarShardDataset(path, resolution=8, train=False))) == 4
+
+
 def test_shard_spec_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no tar shards match"):
         TarShardDataset(str(tmp_path / "*.tar"))

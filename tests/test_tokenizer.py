@@ -208,8 +208,8 @@ def test_no_dropout_unless_asked(tok: TextTokenizer) -> None:
 
 
 def test_dropout_changes_segmentation_not_text(tok: TextTokenizer) -> None:
-    # tokenizers draws its dropout from a thread RNG that Python cannot seed; with p=0.1 and
-    # ~40 merges in this text, 200 draws all equal to the deterministic one has p < 1e-100.
+    # Without a seed every call draws afresh; with p=0.1 and ~40 merges in this text, 200 draws
+    # all equal to the deterministic one has p < 1e-100.
     base = tok.encode(DROP_TEXT)
     draws = [tok.encode(DROP_TEXT, dropout=True) for _ in range(200)]
     assert sum(d != base for d in draws) > 100
@@ -221,6 +221,25 @@ def test_dropout_changes_segmentation_not_text(tok: TextTokenizer) -> None:
     assert not (b == b[0]).all()
     assert tok.decode_batch(b) == [clean] * 50
     assert tok.encode(DROP_TEXT) == base
+
+
+def test_dropout_follows_its_seed() -> None:
+    """The trainer's resume is exact only if a caption's dropout follows a seed it controls:
+    the same seed gives the same ids, in a batch or alone, and p = 0 is the library's BPE."""
+    import random
+
+    t = TextTokenizer.clip()
+    texts = [DROP_TEXT, "A man riding a wave on top of a surfboard.", "naïve café — 東京 🚀 <end_of_text> it's"]
+    a = t.encode_batch(texts, length=64, dropout=True, seeds=[1, 2, 3])
+    assert torch.equal(a, t.encode_batch(texts, length=64, dropout=True, seeds=[1, 2, 3]))
+    assert a[0].tolist()[: len(t.encode(DROP_TEXT, dropout=True, seed=1))] == t.encode(DROP_TEXT, dropout=True, seed=1)
+    draws = {tuple(t.encode(DROP_TEXT, dropout=True, seed=s)) for s in range(30)}
+    assert len(draws) > 10 and all(t.decode(list(d)) == " ".join(t.pretokenize(DROP_TEXT)) for d in draws)
+    for text in texts:
+        plain = [i for w in t.pretokenize(text) for i in t._bpe_dropout(w, 0.0, random.Random(0))]
+        assert plain == t.encode(text)
+    with pytest.raises(ValueError, match="seeds"):
+        t.encode_batch(texts, dropout=True, seeds=[1])
 
 
 def test_zero_dropout_is_deterministic() -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from lverse.train.loop import Task, TrainConfig, Trainer
 from lverse.train.precision import FP16O2, build_precision
 from lverse.train.sampler import ResumableSampler
 from lverse.train.schedule import Cosine, PlateauHalving
-from lverse.train.strategy import FSDP, SingleProcess, build_strategy
+from lverse.train.strategy import DDP, FSDP, SingleProcess, build_strategy
 
 
 @dataclass
@@ -285,7 +286,7 @@ def test_build_strategy_by_world() -> None:
     with pytest.raises(ValueError, match="fsdp supports precision"):
         FSDP(DistInfo(world_size=2), "fp16")
     assert FSDP(DistInfo(world_size=2), "bf16").precision("bf16") == "fp32"  # FSDP casts, no autocast
-    assert not FSDP.can_crash_save and SingleProcess.can_crash_save
+    assert not FSDP.can_crash_save and not DDP.can_crash_save and SingleProcess.can_crash_save  # a world of one only
 
 
 class _Pairs(torch.utils.data.Dataset):
@@ -370,3 +371,56 @@ def test_time_limit_stops_every_rank_after_the_same_step(tmp_path: Path) -> None
     mp.spawn(_time_limit_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
     steps = [int((tmp_path / f"steps{r}").read_text()) for r in range(2)]
     assert steps[0] == steps[1] >= 1
+
+
+# --- guards and checksums ------------------------------------------------------------------
+@pytest.mark.parametrize("over,msg", [({"max_bad_steps": -1}, "max_bad_steps"),
+                                      ({"bad_share_warn": 0.5, "bad_share_stop": 0.1}, "bad_share")])
+def test_train_config_rejects_bad_guards(over: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(TrainConfig, over, "train")
+
+
+def test_checksums_catch_damage_and_can_be_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_weights(tmp_path / "w.safetensors", {"a": torch.arange(6.0)}, {"kind": "x"})
+    assert "checksum" in json.loads(path.with_suffix(".json").read_text())
+    assert load_weights(path)[1] == {"kind": "x"}  # the record is not part of the config handed back
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"w.safetensors: damaged: its sha256 differs"):
+        load_weights(path)
+    assert not torch.equal(load_weights(path, verify=False)[0]["a"], torch.arange(6.0))
+    monkeypatch.setenv("LVERSE_VERIFY_CHECKSUMS", "0")
+    load_weights(path)
+    path.write_bytes(bytes(data[:-8]))
+    monkeypatch.delenv("LVERSE_VERIFY_CHECKSUMS")
+    with pytest.raises(ValueError, match="damaged: .* bytes, its checksum record says"):
+        load_weights(path)
+
+
+def test_fp32_steps_with_non_finite_gradients_are_skipped_not_applied() -> None:
+    prec = build_precision("fp32", torch.device("cpu"))
+    w = nn.Parameter(torch.ones(3))
+    opt = prec.build_optimizer([{"params": [w]}], lr=0.1)
+    (w * torch.tensor([1.0, float("inf"), 1.0])).sum().backward()
+    stepped, norm = prec.step(opt, grad_clip=1.0)
+    assert not stepped and not math.isfinite(norm) and prec.skipped_steps == 1
+    assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+
+
+def test_a_checkpoint_at_an_epoch_end_resumes_into_the_next_epoch(tmp_path: Path) -> None:
+    """64 items in batches of 4: step 16 ends epoch 0. Its checkpoint resumes at epoch 1, item 0
+    (it used to resume at the end of epoch 0, find no batch there and stop with an error)."""
+    over = dict(device="cpu", batch_size=4, lr=0.05, log_every=4, ckpt_every=0, num_workers=0, tensorboard=False,
+                progress=False)
+    full = Trainer(from_dict(TrainConfig, {**over, "run_dir": str(tmp_path / "a"), "max_steps": 20}, "train"),
+                   lambda: _LinearTask())
+    full.fit()
+    Trainer(from_dict(TrainConfig, {**over, "run_dir": str(tmp_path / "b"), "max_steps": 16}, "train"), lambda: _LinearTask()).fit()
+    _, _, state = CheckpointManager.load(CheckpointManager(tmp_path / "b").latest())
+    assert (state["epoch"], state["pos"]) == (1, 0)
+    resumed = Trainer(from_dict(TrainConfig, {**over, "run_dir": str(tmp_path / "b"), "max_steps": 20}, "train"),
+                      lambda: _LinearTask(), resume=tmp_path / "b")
+    resumed.fit()
+    assert all(torch.equal(a, b) for a, b in zip(full.task.model.parameters(), resumed.task.model.parameters()))

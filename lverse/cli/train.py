@@ -2,8 +2,15 @@
 
     --config FILE [overrides...]   start a run from a YAML recipe
     --describe                     print the model's size and layout, allocate nothing
-    --resume [RUN_DIR]             continue a run from its latest checkpoint; with no value the
-                                   config's run_dir; RUN_DIR/config.yaml is used when --config is absent
+    --resume [RUN_DIR]             continue a run from its newest intact checkpoint; with no value
+                                   the config's run_dir; RUN_DIR/config.yaml is used when --config
+                                   is absent. Overrides may change only the learning rate, the step
+                                   budget, logging and checkpoint cadence (lverse.train.rundir)
+    --resume auto --config FILE    continue the config's run if it has a checkpoint, else start it:
+                                   what torchrun --max-restarts and cluster requeues should run
+
+Exit codes: 0 done or stopped by a signal (checkpointed), 1 the run cannot go on (divergence,
+unusable data, a run directory in use: lverse.train.guard), 2 a bad config or command line.
 """
 from __future__ import annotations
 
@@ -15,17 +22,26 @@ from typing import Any, Callable, TypeVar
 
 from lverse.config import ConfigError, load_config
 from lverse.dist import cleanup
+from lverse.train.guard import RunError
 from lverse.train.loop import Task, TrainConfig, Trainer
 
 C = TypeVar("C")
 
 
 def resolve_resume_dir(arg: str, train: TrainConfig) -> str:
-    """``--resume`` with no value → the config's run dir; a step dir → its run dir. Sets train.run_dir."""
+    """``--resume`` with no value → the config's run dir; a step dir → its run dir; ``auto`` →
+    ``auto`` (the config's run dir decides). Sets train.run_dir."""
+    if arg == "auto":
+        train.run_dir = str(train.run_dir or Path("runs") / train.name)
+        return arg
     p = Path(arg) if arg else Path(train.run_dir or Path("runs") / train.name)
-    run_dir = p.parent.parent if (p / "state.pt").is_file() else p
+    run_dir = p.parent.parent if _is_step_dir(p) else p
     train.run_dir = str(run_dir)
     return str(p)
+
+
+def _is_step_dir(p: Path) -> bool:
+    return (p / "state.pt").is_file() or (p.name.startswith("step_") and p.parent.name == "checkpoints")
 
 
 def run_stage(
@@ -40,14 +56,17 @@ def run_stage(
     ap.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     ap.add_argument("--describe", action="store_true", help="print the parameter count and layout, then exit")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                    help="continue from the latest checkpoint of RUN_DIR (or of a step dir, or of the config's run_dir)")
+                    help="continue from the newest intact checkpoint of RUN_DIR (or of a step dir, or of the config's "
+                         "run_dir); 'auto' with --config: resume the config's run if it has a checkpoint, else start it")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 train.lr=1e-4")
     args = ap.parse_args(argv)
     try:
         config_path = args.config
+        if args.resume == "auto" and not config_path:
+            raise ConfigError("--resume auto needs --config FILE (it starts the run from it when there is no checkpoint yet)")
         if args.resume and not config_path:
             rd = Path(args.resume)
-            config_path = str((rd.parent.parent if (rd / "state.pt").is_file() else rd) / "config.yaml")
+            config_path = str((rd.parent.parent if _is_step_dir(rd) else rd) / "config.yaml")
         if config_path is None:
             raise ConfigError("give --config FILE (or --resume RUN_DIR)")
         cfg = load_config(config_cls, config_path, args.overrides)
@@ -66,6 +85,9 @@ def run_stage(
             # barrier aborted a rank now and then. Not on a stop or an error: a peer may be gone.
             cleanup()
         return 0
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

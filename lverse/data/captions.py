@@ -145,6 +145,7 @@ class CocoKarpathyDataset(_FileCaptionDataset):
         if split not in self.SPLITS:
             raise ValueError(f"unknown COCO split {split!r}; valid: {sorted(self.SPLITS)}")
         json_path, self.image_root = Path(json_path), Path(image_root)
+        self.source = str(json_path)
         if not json_path.is_file():
             raise FileNotFoundError(f"COCO Karpathy split file {json_path} does not exist")
         try:
@@ -198,6 +199,7 @@ class ConceptualCaptionsDataset(_FileCaptionDataset):
     ) -> None:
         super().__init__(resolution, train, load_images, seed, crops=crops)
         tsv_path, self.image_root = Path(tsv_path), Path(image_root)
+        self.source = str(tsv_path)
         if not tsv_path.is_file():
             raise FileNotFoundError(f"caption TSV {tsv_path} does not exist")
         lines = tsv_path.read_bytes().split(b"\n")
@@ -246,6 +248,7 @@ class CaptionFolderDataset(_FileCaptionDataset):
     ) -> None:
         super().__init__(resolution, train, load_images, seed, crops=crops)
         self.root = check_dir(root, "caption folder")
+        self.source = str(self.root)
         files = list_images(self.root)
         if not files:
             raise FileNotFoundError(f"no images found under {self.root}")

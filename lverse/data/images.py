@@ -10,7 +10,9 @@ Conventions shared by every dataset in :mod:`lverse.data`:
   the item, so the counts are exact with any number of DataLoader workers. A batch whose items
   were all bad has ``batch["batch_size"] == 0`` and only the count keys; the trainer skips it.
   Records dropped while a dataset is built (e.g. a COCO entry without captions) are in its
-  :meth:`skip_summary`.
+  :meth:`skip_summary`, which the trainer and ``lverse encode`` add to their counts. A tar shard
+  cut short, even exactly between two members (no error from ``tarfile``), is a ``bad_shard``.
+  Every dataset names its data in ``source`` (for the trainer's errors).
 * **Reproducible augmentation.** Index a map-style dataset with ``(index, access_seed)``
   instead of ``index`` and the random crop is drawn from a ``torch.Generator`` seeded from
   ``(dataset seed, index, access_seed)``; the trainer's ``ResumableSampler`` yields such keys,
@@ -242,6 +244,8 @@ def access_generator(dataset_seed: int, index: int, access_seed: int | None) -> 
 class SkipTracker:
     """Counts skipped records by reason and warns once per offending file/record."""
 
+    source = ""  # the path (or shard spec) of the data, for error messages
+
     def _init_skips(self) -> None:
         self.skipped: Counter[str] = Counter()
         self._warned: set[str] = set()
@@ -315,6 +319,7 @@ class ImageFolderDataset(Dataset, SkipTracker):
         self.transform = ImageTransform(resolution, train, scale)
         self.seed = seed
         self._init_skips()
+        self.source = str(self.root)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -407,7 +412,9 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream ``(key, {ext: bytes})`` groups of consecutive members sharing a key.
 
     Raises ``tarfile.TarError``/``OSError`` on a damaged archive after yielding every complete
-    sample before the damage.
+    sample before the damage, also on one cut off exactly between two members: ``tarfile``
+    ends such a stream quietly, but a complete archive ends with a zero block, and this one does
+    not. The samples after the cut are lost; the shard is reported, never silently short.
     """
     key: str | None = None
     parts: dict[str, bytes] = {}
@@ -426,6 +433,12 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     yield key, parts
                 key, parts = k, {}
             parts[ext] = data
+        # tarfile stops at a zero block (the end-of-archive marker: it read 512 bytes more than
+        # the members) or quietly at the end of the data (read fewer): the latter is a cut file.
+        if tf.offset > 0 and tf.fileobj.tell() - tf.offset < tarfile.BLOCKSIZE:
+            if key is not None:
+                yield key, parts  # complete: its last member ended before the cut
+            raise tarfile.ReadError("truncated: the archive ends without its end-of-archive block")
     if key is not None:
         yield key, parts
 
@@ -482,6 +495,7 @@ class TarShardDataset(IterableDataset, SkipTracker):
         self.repeat, self.load_images = repeat, load_images
         self.epoch = 0
         self._init_skips()
+        self.source = self.shards[0] if len(self.shards) == 1 else f"{self.shards[0]} (+{len(self.shards) - 1} shards)"
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shard order/crops (call before creating the DataLoader iterator)."""

@@ -6,6 +6,7 @@ tests can read a run's curves without TensorBoard.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,25 @@ import torch
 from PIL import Image
 
 from lverse.files import save_grid
+
+
+class LogWindow:
+    """The scalars of the steps since the last log: per-key sums and counts, because some
+    scalars appear only on some steps (e.g. per-direction NLLs)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self.start = time.time()
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
 class RunLogger:

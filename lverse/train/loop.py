@@ -1,28 +1,36 @@
 """The one training loop every model uses.
 
-A model supplies a :class:`Task` (its model, loss, data and pictures); the :class:`Trainer`
-does everything else, the same way for AugVAE, BiART and the Shapes CLIP:
+A model supplies a :class:`~lverse.train.task.Task` (its model, loss, data and pictures); the
+:class:`Trainer` does everything else, the same way for AugVAE, BiART and the Shapes CLIP:
 
 * a single process, or one process per device under ``torchrun`` with DDP or FSDP
   (:mod:`lverse.train.strategy`; gloo on CPU, NCCL on GPU);
 * precision (fp32 / bf16 / fp16 / fp16-o2, see :mod:`lverse.train.precision`);
 * gradient accumulation with no all-reduce on the non-final micro-steps;
-* AdamW with the papers' learning-rate rule (``base_lr × global batch``) and plateau halving,
-  or a cosine (:mod:`lverse.train.schedule`), and an optional wall-time limit;
-* a run directory with the resolved config, TensorBoard scalars, ``metrics.jsonl``, image grids;
+* AdamW with the papers' learning-rate rule (``base_lr × global batch``) and a schedule
+  (:mod:`lverse.train.schedule`), and an optional wall-time limit;
+* a run directory (locked while it trains) with the resolved config, TensorBoard scalars,
+  ``metrics.jsonl``, ``events.jsonl``, image grids;
 * checkpoints every ``ckpt_every`` steps, on SIGINT/SIGTERM and on a crash, and an exact
-  ``resume``: model, optimizer, schedule, precision state, RNG states and the data position.
+  ``resume``: model, optimizer, schedule, precision state, RNG states and each rank's data
+  position. A checkpoint's data position always matches its weights: a crash inside a step saves
+  the state from before the step (single process; with several processes a rank alone cannot,
+  and the last periodic checkpoint stands), or nothing while the optimizer was writing weights;
+* guards (:mod:`lverse.train.guard`): a step with a non-finite loss or gradients is not applied,
+  too many in a row stop the run, and no non-finite state is ever checkpointed; unusable data
+  stops the run with its counts; a resume falls back past damaged checkpoints
+  (:mod:`lverse.train.checkpoint`) and may change only some settings (:mod:`lverse.train.rundir`).
 
-:meth:`Trainer.fit` reads top to bottom: restore a checkpoint, set the model up, then
-train / log / draw / checkpoint step after step until the run is done.
+:meth:`Trainer.fit` reads top to bottom: lock the run, restore a checkpoint,
+set the model up, then train / log / draw / checkpoint step after step until the run is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,174 +38,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lverse.config import ConfigError, dump_yaml
+from lverse.config import ConfigError, dump_yaml, to_dict
 from lverse.dist import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed
 from lverse.files import atomic_write_text, save_weights
-from lverse.train.average import AVERAGES, WeightAverage
-from lverse.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from lverse.train.logger import RunLogger
+from lverse.train.average import WeightAverage
+from lverse.train.checkpoint import CheckpointManager, non_finite, rng_state, set_rng_state
+from lverse.train.feed import Feed, RunState
+from lverse.train.guard import DataHealth, Diverged, RunError, StopRequested, source_of
+from lverse.train.logger import LogWindow, RunLogger
 from lverse.train.precision import build_precision
+from lverse.train.resume import Loaded, find_checkpoint, load_into, set_aside
+from lverse.train.rundir import RunLock, append_event, read_recorded_config, resume_changes
 from lverse.train.sampler import ResumableSampler
-from lverse.train.schedule import SCHEDULES, build_schedule
+from lverse.train.schedule import build_schedule
+from lverse.train.settings import TrainConfig
 from lverse.train.strategy import build_strategy
+from lverse.train.task import Task
 
-
-@dataclass
-class TrainConfig:
-    run_dir: str = ""                 # "" → runs/<name>
-    name: str = "run"
-    seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"           # fp32 | bf16 | fp16 | fp16-o2
-    batch_size: int = 8               # per process (per GPU)
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 0.0                   # absolute learning rate; 0 → base_lr × global batch
-    base_lr: float = 4.5e-6           # the papers' rule: lr = base_lr × global batch size
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 1e-5
-    grad_clip: float = 0.0            # 0 = no clipping (the norm is still logged)
-    schedule: str = "plateau"         # plateau (the papers') | cosine (lverse.train.schedule)
-    warmup_steps: int = 0
-    cooldown_steps: int = 0           # plateau: lr falls linearly to min_lr over the last N steps; 0 = off
-    plateau_window: int = 500         # steps per loss window for plateau detection
-    plateau_patience: int = 3         # windows without improvement before halving; 0 = never halve
-    plateau_threshold: float = 1e-3
-    min_lr: float = 0.0               # plateau: the floor of halving and the end of the cool-down
-    min_lr_ratio: float = 0.0         # cosine: the final rate, as a fraction of lr
-    # > 0: end the run after this many minutes if max_steps is not reached first; the cosine runs
-    # on whichever comes first, so the run ends with its schedule finished (cosine only)
-    time_limit_minutes: float = 0.0
-    log_every: int = 50
-    image_every: int = 500
-    ckpt_every: int = 1000
-    keep_last: int = 3
-    num_workers: int = 2
-    compile: bool = False
-    strategy: str = "ddp"             # ddp | fsdp (shard weights, grads and optimizer state over ranks)
-    tensorboard: bool = True
-    progress: bool = True             # a progress bar; without one, a line per log_every steps
-    threads: int = 0                  # torch intra-op threads per process; 0 = PyTorch's default
-    # Weight averaging (ours, not in the papers; lverse.train.average): none | ema | mean. The
-    # exported model.safetensors holds the average, model_raw.safetensors the last step's weights.
-    average: str = "none"
-    average_decay: float = 0.999      # ema only
-    average_start: int = 0            # the first step averaged, e.g. where the cool-down starts
-
-    def __post_init__(self) -> None:
-        # Checked here, not at the first step that divides by them: a typo in an override
-        # fails before any model or data is built.
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "image_every", "warmup_steps", "cooldown_steps", "num_workers", "average_start",
-                     "time_limit_minutes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.average not in AVERAGES:
-            raise ConfigError(f"train.average must be one of {AVERAGES}, got {self.average!r}")
-        if not 0.0 < self.average_decay < 1.0:
-            raise ConfigError(f"train.average_decay must be in (0, 1), got {self.average_decay}")
-        if self.average != "none" and self.average_start >= self.max_steps:
-            raise ConfigError(f"train.average_start={self.average_start} averages nothing in {self.max_steps} steps")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.schedule == "plateau" and self.time_limit_minutes > 0:
-            # the plateau rule's cool-down counts steps: a run cut by the clock would end before it
-            raise ConfigError("train.time_limit_minutes needs train.schedule=cosine")
-        if self.schedule == "cosine" and self.cooldown_steps:
-            raise ConfigError("train.cooldown_steps belongs to schedule=plateau (the cosine decays already)")
-
-    def global_batch(self, world_size: int) -> int:
-        return self.batch_size * self.grad_accum * world_size
-
-    def resolved_lr(self, world_size: int) -> float:
-        return self.lr if self.lr > 0 else self.base_lr * self.global_batch(world_size)
-
-
-class Task:
-    """What a stage plugs into the trainer. Subclasses set ``self.model`` in ``__init__``."""
-
-    model: nn.Module
-
-    def model_meta(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        # Every trainable parameter decayed: stage 1 (AugVAE) trains so, as its recipes were
-        # measured. Transformers decay weight matrices only (lverse.train.optim.weight_decay_groups).
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-
-    def train_dataset(self) -> Dataset:
-        raise NotImplementedError
-
-    def collate(self, items: list[Any]) -> Any:
-        return torch.utils.data.default_collate(items)
-
-    def prepare(self, device: torch.device) -> None:
-        """Move non-trained helpers (e.g. the LPIPS network) to the device."""
-
-    def training_step(self, model: nn.Module, batch: Any, step: int, autocast: Callable) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the loss to backpropagate and scalars to log. ``model`` may be DDP-wrapped."""
-        raise NotImplementedError
-
-    def after_step(self, step: int) -> None:
-        """After optimizer step ``step`` (1 = the first), e.g. to clamp a parameter of ``self.model``."""
-
-    def periodic_logs(self) -> dict[str, float]:
-        """Extra scalars at log time (e.g. codebook health), already reduced over ranks."""
-        return {}
-
-    @torch.no_grad()
-    def visualize(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        """Image grids to log, name → (N,3,H,W) in [-1, 1]."""
-        return {}
-
-    def extra_files(self) -> dict[str, str]:
-        """Text files saved with every checkpoint (e.g. a tokenizer)."""
-        return {}
-
-    def batch_size_of(self, batch: Any) -> int:
-        if isinstance(batch, dict):
-            for v in batch.values():
-                if isinstance(v, torch.Tensor) and v.dim() > 0:
-                    return v.shape[0]
-        if isinstance(batch, torch.Tensor):
-            return batch.shape[0]
-        return 1
-
-
-@dataclass
-class RunState:
-    """Where a run stands; saved in every checkpoint and restored by ``resume``."""
-
-    step: int = 0             # optimizer steps done
-    epoch: int = 0
-    pos: int = 0              # samples of this epoch this rank has consumed
-    skipped_items: int = 0    # unreadable items the data has skipped so far
-    elapsed: float = 0.0      # seconds of training so far (train.time_limit_minutes)
-
-
-class LogWindow:
-    """The scalars of the steps since the last log: per-key sums and counts, because some
-    scalars appear only on some steps (e.g. per-direction NLLs)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.samples = 0
-        self.start = time.time()
-
-    def add(self, logs: dict[str, float]) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
+__all__ = ["RunState", "Task", "TrainConfig", "Trainer"]
 
 
 class Trainer:
@@ -209,6 +67,9 @@ class Trainer:
         resume: str | Path | None = None,
         dist_info: DistInfo | None = None,
     ) -> None:
+        """``resume``: a run directory or a step directory to continue from, ``"auto"`` (this
+        run's checkpoints if it has any, else a fresh start), or None (a fresh start: refused
+        where checkpoints exist already, since the two runs' checkpoints would mix)."""
         self.cfg = cfg
         if cfg.threads > 0:
             # On a small CPU box, one thread per process beside another job beats two fighting
@@ -220,8 +81,13 @@ class Trainer:
         self.resume = resume
         self.state = RunState()
         self.average: WeightAverage | None = None
+        self.bar: Any = None
         self._stop_signal: int | None = None
-        self._last_saved = 0  # the step of the newest checkpoint (a crash saves only newer steps)
+        self._last_saved = 0         # the step of the newest checkpoint (a crash saves only newer steps)
+        self._phase = "setup"        # setup | data | compute | optimizer | between: what a crash interrupted
+        self._pre: tuple[RunState, dict[str, Any], dict[str, torch.Tensor], bool] | None = None  # before this step
+        self._last_loss_finite = True
+        self._skipped_total: dict[str, int] | None = None  # over all ranks, at the last log
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = task_factory()
         torch.manual_seed(cfg.seed + 1 + self.info.rank)  # dropout and the like may differ per rank
@@ -229,19 +95,39 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` (or the time limit), or until a signal stops the run.
-        Returns ``{"step", "stopped", "run_dir", "skipped_items"}``."""
+        Returns ``{"step", "stopped", "run_dir", "skipped_items", "skipped_by", "nonfinite_steps"}``."""
+        lock = RunLock(self.run_dir)
+        if self.info.is_main:
+            lock.acquire()  # before anything is written into the run directory
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> dict[str, Any]:
+        dataset = self.task.train_dataset()
+        built = dict(getattr(dataset, "skip_summary", dict)())  # records dropped while it was built
+        saved = find_checkpoint(self.resume, self.run_dir, say=self.info.is_main)
+        changes = self._resume_changes(saved)    # refuses what a resume may not change
+        if saved is not None:
+            self._load_weights(saved)            # weights in before the model is cast or wrapped
         self._open_run_dir()
-        saved = self._load_checkpoint()          # weights in before the model is cast or wrapped
         model = self._setup()                    # device, precision, strategy, optimizer, schedule
         if saved is not None:
-            self._restore(*saved)                # optimizer, schedule, data position, RNG
-        batches = self._batches(*self._build_loader())
+            self._restore(*saved, changes)       # optimizer, schedule, data position, RNG
+        elif built and self.info.is_main:        # every rank built the same: count them once
+            self.state.skipped_by.update(built)
+            self.state.items += sum(built.values())
+        health = DataHealth(source_of(dataset), self.cfg.bad_items_in_a_row, self.cfg.bad_share_warn,
+                            self.cfg.bad_share_stop, self.info.is_main)
+        self.feed = Feed(*self._build_loader(dataset), self.state, health, self.task, self.cfg.batch_size)
+        batches = iter(self.feed)
         old_handlers = self._install_signal_handlers()
         self.bar = self._progress_bar()
         try:
             stopped = self._run(model, batches)
-        except BaseException:
-            self._crash_checkpoint()
+        except BaseException as e:
+            self._crash_checkpoint(e)
             raise
         finally:
             if self.bar is not None:
@@ -249,8 +135,10 @@ class Trainer:
             for s, h in old_handlers:
                 signal.signal(s, h)
             self.logger.close()
-        return {"step": self.state.step, "stopped": stopped, "run_dir": str(self.run_dir),
-                "skipped_items": self.state.skipped_items}
+        st = self.state
+        return {"step": st.step, "stopped": stopped, "run_dir": str(self.run_dir),
+                "skipped_items": sum((self._skipped_total or st.skipped_by).values()),
+                "skipped_by": dict(self._skipped_total or st.skipped_by), "nonfinite_steps": st.nonfinite_steps}
 
     def _run(self, model: nn.Module, batches: Iterator[Any]) -> bool:
         """The steps; True when a signal stopped the run (after writing a checkpoint)."""
@@ -260,7 +148,14 @@ class Trainer:
         clock = time.perf_counter() - st.elapsed
         progress = self._progress(clock)
         while progress < 1.0:
-            grad_norm = self._train_step(model, batches, self.schedule.lr_at(st.step, progress))
+            try:
+                grad_norm = self._train_step(model, batches, self.schedule.lr_at(st.step, progress))
+            except StopRequested:  # a signal while the step waited for data: stop before it
+                self._phase = "between"  # a further signal now only sets the flag
+                self._rollback()
+                self._checkpoint()
+                self._say_stopped()
+                return True
             progress = self._progress(clock)
             done = progress >= 1.0
             if st.step % cfg.log_every == 0 or done:
@@ -269,47 +164,44 @@ class Trainer:
                 self._draw()
             stop = any_rank(self._stop_signal is not None, self.info.device)
             if (cfg.ckpt_every and st.step % cfg.ckpt_every == 0) or done or stop:
-                self._save()
-                self._last_saved = st.step
+                self._checkpoint()
             if stop:
-                if self.info.is_main:
-                    print(f"[lverse] stopped at step {st.step}; checkpoint in {self.ckpt.dir}. "
-                          f"Resume with --resume {self.run_dir}", file=sys.stderr)
+                self._say_stopped()
                 return True
+        if not self._last_loss_finite:  # never report success (or export) on a NaN streak
+            raise Diverged(f"the run ended at step {st.step} after {st.bad_steps_in_a_row} step(s) in a row that were "
+                           f"not applied, the last with a non-finite loss; {self._kept()}")
         return False
+
+    def _say_stopped(self) -> None:
+        if self.info.is_main:
+            print(f"[lverse] stopped at step {self.state.step}; checkpoint in {self.ckpt.dir}. "
+                  f"Resume with --resume {self.run_dir}", file=sys.stderr)
 
     # --- before the first step ----------------------------------------------------------------
     def _open_run_dir(self) -> None:
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, tensorboard=self.cfg.tensorboard)
         if self.info.is_main and self.full_config is not None:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.full_config))
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.full_config))
         self.ckpt = CheckpointManager(self.run_dir, self.cfg.keep_last)
 
-    def _resolve_resume(self) -> Path | None:
-        if self.resume is None:
-            return None
-        p = Path(self.resume)
-        if (p / "state.pt").is_file():
-            return p
-        latest = CheckpointManager(p if (p / "checkpoints").is_dir() else self.run_dir).latest()
-        if latest is None:
-            raise FileNotFoundError(f"--resume {p}: no checkpoint found (looked for {p}/checkpoints/latest)")
-        return latest
-
-    def _load_checkpoint(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-        """With ``resume``: load the checkpoint's weights into the model; return what the rest
-        of the restore needs (path, model state, training state)."""
-        path = self._resolve_resume()
-        if path is None:
-            return None
-        model_state, _, train_state = CheckpointManager.load(path)
-        missing, unexpected = self.task.model.load_state_dict(model_state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    def _load_weights(self, found: Loaded) -> None:
+        """The checkpoint found (:mod:`lverse.train.resume`) into the model, if it fits it."""
+        path, model_state, meta, train_state, _ = found
+        load_into(self.task.model, path, meta, self.task.model_meta(), model_state)
         if train_state.get("world_size", self.info.world_size) != self.info.world_size and self.info.is_main:
             print(f"[lverse] resuming a {train_state['world_size']}-process run on {self.info.world_size}: "
                   "data order will differ", file=sys.stderr)
-        return path, model_state, train_state
+
+    def _resume_changes(self, saved: Any) -> dict[str, tuple[Any, Any]]:
+        """On a resume: the settings that differ from the run's config.yaml (only resumable ones
+        pass; the rest is a ConfigError naming them)."""
+        if saved is None or self.full_config is None:
+            return {}
+        recorded = read_recorded_config(self.run_dir)
+        if recorded is None:
+            return {}
+        return resume_changes(recorded, to_dict(self.full_config), str(self.run_dir / "config.yaml"))
 
     def _setup(self) -> nn.Module:
         """Device, precision, strategy, optimizer, schedule, weight average. Returns the module
@@ -334,16 +226,19 @@ class Trainer:
                                          cfg.average_start)
         return model
 
-    def _restore(self, path: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any]) -> None:
-        """The rest of a resume: optimizer, schedule, precision, weight average, position, RNG."""
-        self.strategy.load_optimizer_state(self.task.model, self.optimizer, train_state["optimizer"])
+    def _restore(self, path: Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
+                 train_state: dict[str, Any], damaged: list[Path], changes: dict[str, tuple[Any, Any]]) -> None:
+        """The rest of a resume: optimizer, schedule, precision, weight average, position, RNG;
+        then the settings the resume changed, and damaged or newer checkpoints moved aside."""
+        try:
+            self.strategy.load_optimizer_state(self.task.model, self.optimizer, train_state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"{path / 'state.pt'}: its optimizer state does not fit this model's parameter "
+                              f"groups ({str(e).splitlines()[0]})") from None
         self.schedule.load_state_dict(train_state["schedule"])
         self.precision.load_state_dict(train_state["precision"])
         self.precision.load_master_from_model_state(model_state, self.task.model)
-        st = self.state
-        st.step, st.epoch, st.pos = train_state["step"], train_state["epoch"], train_state["pos"]
-        st.skipped_items = train_state.get("skipped_items", 0)
-        st.elapsed = train_state.get("elapsed", 0.0)
+        self.state = st = RunState.from_checkpoint(train_state, self.info.rank, self.info.world_size)
         if self.average is not None:
             if "average" in train_state:
                 self.average.load_state_dict(train_state["average"])
@@ -352,12 +247,20 @@ class Trainer:
                       file=sys.stderr)
         rngs = train_state["rng"]
         set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        lr, saved_lr = self.cfg.resolved_lr(self.info.world_size), train_state.get("lr")
+        same_world = train_state.get("world_size", self.info.world_size) == self.info.world_size
+        if saved_lr is not None and saved_lr != lr and same_world:  # --resume RUN train.lr=X: X from here on
+            self.schedule.rebase(lr)
+        barrier()  # every rank has read its checkpoint before rank 0 moves directories
         if self.info.is_main:
-            print(f"[lverse] resumed from {path} at step {st.step}", file=sys.stderr)
+            print(f"[lverse] resumed from {path} at step {st.step}"
+                  + "".join(f"; {k}: {a} -> {b}" for k, (a, b) in changes.items()), file=sys.stderr)
+            aside = set_aside(self.ckpt, path, st.step, damaged)
+            append_event(self.run_dir, {"event": "resume", "step": st.step, "from": str(path),
+                                        "changed": {k: list(v) for k, v in changes.items()}, "set_aside": aside})
 
-    def _build_loader(self) -> tuple[Dataset, ResumableSampler | None, DataLoader]:
+    def _build_loader(self, dataset: Dataset) -> tuple[Dataset, ResumableSampler | None, DataLoader]:
         cfg, info = self.cfg, self.info
-        dataset = self.task.train_dataset()
         sampler = None
         if not isinstance(dataset, IterableDataset):
             sampler = ResumableSampler(len(dataset), info.rank, info.world_size, cfg.seed)  # type: ignore[arg-type]
@@ -379,28 +282,6 @@ class Trainer:
         )
         return dataset, sampler, loader
 
-    def _batches(self, dataset: Dataset, sampler: ResumableSampler | None, loader: DataLoader) -> Iterator[Any]:
-        """Batches forever, epoch after epoch, from the position in ``self.state``."""
-        st = self.state
-        while True:
-            skip = 0
-            if sampler is not None:
-                sampler.set_epoch(st.epoch, st.pos)
-            else:
-                if hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(st.epoch)  # type: ignore[attr-defined]
-                skip = st.pos // self.cfg.batch_size
-            n = 0
-            for b in loader:
-                n += 1
-                if n <= skip:
-                    continue
-                st.pos += self.cfg.batch_size
-                yield b
-            if n == 0:
-                raise ValueError("the training data yielded no batch in a whole epoch (empty data set, or all items unreadable)")
-            st.epoch, st.pos = st.epoch + 1, 0
-
     def _install_signal_handlers(self) -> list[tuple[int, Any]]:
         old = []
 
@@ -408,8 +289,14 @@ class Trainer:
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: stop now
             self._stop_signal = signum
+            waiting = self._phase == "data" and not self.info.distributed
             if self.info.is_main:
-                print(f"\n[lverse] signal {signum}: checkpointing at the end of this step ...", file=sys.stderr, flush=True)
+                print(f"\n[lverse] signal {signum}: " + ("stopping before this step (it waits for data) ..." if waiting
+                      else "checkpointing at the end of this step ..."), file=sys.stderr, flush=True)
+            if waiting:
+                # The loader may be slow, stuck or looping over bad records: leave it now. (With
+                # several processes, the ranks stop together at the end of the step instead.)
+                raise StopRequested
 
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -442,42 +329,84 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches, and its bookkeeping. Returns the
         gradient norm."""
         cfg, st, task = self.cfg, self.state, self.task
+        self._snapshot()
         self.optimizer.zero_grad(set_to_none=True)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         logs_acc: dict[str, float] = {}
+        loss_sum = 0.0
         n_micro = 0
         while n_micro < cfg.grad_accum:
+            self._phase = "data"
             batch = next(batches)
-            if isinstance(batch, dict) and "skipped" in batch:
-                st.skipped_items += int(batch["skipped"])
-            if task.batch_size_of(batch) == 0:
-                continue  # every item of it was unreadable
+            self._phase = "compute"
+            n = task.batch_size_of(batch)
+            if n == 0:
+                continue  # every item of it was unreadable (counted by the data guard)
             with self.strategy.sync_gradients(model, last=n_micro == cfg.grad_accum - 1):
                 loss, logs = task.training_step(model, batch, st.step, self.precision.autocast)
                 self.precision.backward(loss / cfg.grad_accum)
+            loss_sum += float(loss.detach()) / cfg.grad_accum
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.grad_accum
-            self.window.samples += task.batch_size_of(batch)
+            self.window.samples += n
             n_micro += 1
-        stepped, grad_norm = self.precision.step(self.optimizer, cfg.grad_clip)
+        # The rank-averaged loss is NaN on every rank when it is on any: every rank skips the same steps.
+        mean = all_reduce_mean({"loss": loss_sum}, self.info.device)
+        self._last_loss_finite = math.isfinite(mean["loss"])
+        self._phase = "optimizer"
+        if self._last_loss_finite:
+            stepped, grad_norm = self.precision.step(self.optimizer, cfg.grad_clip)
+        else:  # not applied: weights, optimizer moments and the loss scale stay as they were
+            self.precision.discard(self.optimizer)
+            stepped, grad_norm = False, float("nan")
+            st.nonfinite_steps += 1
         st.step += 1
         task.after_step(st.step)
         if self.average is not None and stepped:
             self.average.update(st.step)
-        loss_val = logs_acc.get("loss", float("nan"))
-        if not math.isfinite(loss_val) and stepped:
-            raise FloatingPointError(f"loss is {loss_val} at step {st.step} with precision {cfg.precision}")
-        self.window.add(logs_acc)
-        # plateau decisions use the rank-averaged loss so every rank halves together
-        mean_loss = all_reduce_mean({"l": loss_val}, self.info.device)["l"]
-        if self.schedule.observe(mean_loss, st.step) and self.info.is_main:
+        self._phase = "between"
+        st.bad_steps_in_a_row = 0 if stepped else st.bad_steps_in_a_row + 1
+        if self._last_loss_finite:
+            self.window.add(logs_acc)
+        if self.schedule.observe(mean["loss"], st.step) and self.info.is_main:
             print(f"[lverse] loss plateaued: learning rate halved to {self.schedule.lr:.3g} at step {st.step}",  # type: ignore[union-attr]
                   file=sys.stderr)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss_val:.4f}")
+            self.bar.set_postfix(loss=f"{mean['loss']:.4f}")
+        if cfg.max_bad_steps and st.bad_steps_in_a_row >= cfg.max_bad_steps:
+            raise Diverged(f"step {st.step}: {st.bad_steps_in_a_row} steps in a row were not applied (non-finite loss "
+                           f"in {st.nonfinite_steps} steps so far, loss-scaler or non-finite-gradient skips in "
+                           f"{self.precision.skipped_steps}; loss scale {self.precision.scale:g}): the run has diverged "
+                           f"(train.max_bad_steps={cfg.max_bad_steps}). {self._kept()}")
         return grad_norm
+
+    def _kept(self) -> str:
+        """Where a stopped run can go on from."""
+        latest = self.ckpt.latest()
+        if latest is None:
+            return "No checkpoint was written."
+        return (f"The newest checkpoint, {latest}, is untouched: resume from it with a lower learning rate, "
+                f"e.g. --resume {self.run_dir} train.lr=...")
+
+    def _snapshot(self) -> None:
+        """The state before this step, for a crash inside it (single process only: see the
+        module doc). Buffers too: a forward may update them (the AugVAE's EMA codebook)."""
+        if self.strategy.can_crash_save:
+            buffers = {k: b.detach().clone() for k, b in self.task.model.named_buffers()}
+            self._pre = (self.state.copy(), rng_state(), buffers, self._last_loss_finite)
+
+    def _rollback(self) -> None:
+        """Back to :meth:`_snapshot`'s state (the optimizer has not stepped: weights are as then)."""
+        if self._pre is None:
+            return
+        st, rng, buffers, self._last_loss_finite = self._pre
+        self.state.assign(st)  # in place: the feed holds this object
+        with torch.no_grad():
+            for k, b in self.task.model.named_buffers():
+                b.copy_(buffers[k])
+        set_rng_state(rng)
 
     def _log(self, grad_norm: float) -> None:
         """The window's scalars, averaged over ranks, to TensorBoard and ``metrics.jsonl``."""
@@ -485,6 +414,11 @@ class Trainer:
         scalars = all_reduce_mean(w.means(), self.info.device)
         dt = max(time.time() - w.start, 1e-9)
         scalars.update(self.task.periodic_logs())
+        skipped: dict[str, int] = {}
+        for by in self.strategy.all_gather_object(dict(st.skipped_by)):  # the ranks' reasons differ
+            for k, v in by.items():
+                skipped[k] = skipped.get(k, 0) + v
+        self._skipped_total = skipped
         scalars.update(
             {
                 "lr": self.optimizer.param_groups[0]["lr"],
@@ -492,7 +426,9 @@ class Trainer:
                 "samples_per_s": w.samples * self.info.world_size / dt,
                 "loss_scale": self.precision.scale,
                 "skipped_steps": self.precision.skipped_steps,
-                "data/skipped_items": st.skipped_items,
+                "nonfinite_steps": st.nonfinite_steps,
+                "data/skipped_items": sum(skipped.values()),
+                **{f"data/skipped/{k}": v for k, v in skipped.items()},
                 "epoch": st.epoch,
             }
         )
@@ -542,20 +478,33 @@ class Trainer:
             atomic_write_text(self.run_dir / name, text)
         return path
 
+    def _checkpoint(self) -> None:
+        """A checkpoint of this step, unless it is the newest already or its loss was not
+        finite (those weights are what diverged: ``latest`` stays on the last good one)."""
+        st = self.state
+        if st.step <= self._last_saved:
+            return
+        if not self._last_loss_finite:
+            if self.info.is_main:
+                print(f"[lverse] step {st.step} not checkpointed: its loss was not finite", file=sys.stderr)
+            return
+        self._save()
+        self._last_saved = st.step
+
     def _save(self, collective: bool = True) -> Path | None:
-        """A checkpoint of the current step. ``collective=False``: this rank alone (a crash)."""
-        if not collective and not self.strategy.can_crash_save:
-            print(f"[lverse] no crash checkpoint with strategy={self.strategy.name} (gathering the shards "
-                  "needs every rank)", file=sys.stderr)
-            return None
+        """A checkpoint of the current step. ``collective=False``: this process alone (a crash)."""
         st = self.state
         model_state = self.export_state()
-        optim_state = self.strategy.optimizer_state_dict(self.task.model, self.optimizer)
-        extra_state: dict[str, Any] = {"epoch": st.epoch, "pos": st.pos, "skipped_items": st.skipped_items,
-                                       "elapsed": st.elapsed}
+        extra_state: dict[str, Any] = {}
         if self.average is not None:
             extra_state["average"] = self.average.state_dict()
-        rngs = self.strategy.all_gather_object(rng_state()) if collective else [rng_state()]
+        bad = non_finite(model_state) + non_finite(extra_state.get("average", {}).get("weights", {}))
+        if any_rank(bool(bad), self.info.device) if collective else bad:
+            raise Diverged(f"step {st.step}: non-finite weights ({bad[:3] or 'on another rank'}) are never "
+                           f"checkpointed. {self._kept()}")
+        optim_state = self.strategy.optimizer_state_dict(self.task.model, self.optimizer)
+        mine = {"rng": rng_state(), "run": dataclasses.asdict(st)}
+        rows = self.strategy.all_gather_object(mine) if collective else [mine]
         path = None
         if self.info.is_main:
             state = {
@@ -563,8 +512,12 @@ class Trainer:
                 "optimizer": optim_state,
                 "schedule": self.schedule.state_dict(),
                 "precision": self.precision.state_dict(),
-                "rng": rngs,
+                "rng": [r["rng"] for r in rows],
+                "ranks": [r["run"] for r in rows],  # each rank's data position and counts
                 "world_size": self.info.world_size,
+                "lr": self.cfg.resolved_lr(self.info.world_size),  # a resume with another train.lr rebases on it
+                # rank 0's, as before per-rank state: for readers of the older layout
+                "epoch": st.epoch, "pos": st.pos, "skipped_items": st.skipped_items, "elapsed": st.elapsed,
                 **extra_state,
             }
             path = self.ckpt.save(st.step, model_state, self.task.model_meta(), state, self.task.extra_files())
@@ -572,13 +525,32 @@ class Trainer:
             barrier()
         return path
 
-    def _crash_checkpoint(self) -> None:
-        """Save what we have: the weights are those of the last completed optimizer step."""
-        if self.state.step <= self._last_saved:
+    def _crash_checkpoint(self, error: BaseException) -> None:
+        """On an exception: save the newest consistent state if there is one (see the module
+        doc), and never hide the original error."""
+        say = (lambda msg: print(f"[lverse] {msg}", file=sys.stderr)) if self.info.is_main else (lambda msg: None)
+        if isinstance(error, RunError):
+            if self.info.is_main:
+                append_event(self.run_dir, {"event": type(error).__name__, "step": self.state.step, "error": str(error)})
+            if not error.checkpoint:
+                return
+        if self.state.step <= self._last_saved and self._phase not in ("data", "compute", "optimizer"):
+            return  # between steps, and this step is checkpointed already
+        if not self.strategy.can_crash_save:
+            say(f"no crash checkpoint with strategy={self.strategy.name}: one process alone knows neither the other "
+                "ranks' data positions nor (under FSDP) their shards; the newest periodic checkpoint stands")
+            return
+        if self._phase == "optimizer":
+            say(f"crashed while the optimizer applied step {self.state.step + 1}: no crash checkpoint (the weights "
+                "may be half-written); the newest periodic checkpoint stands")
             return
         try:
+            if self._phase in ("data", "compute"):
+                self._rollback()  # the step did not happen: save the state from before it
+            if self.state.step <= self._last_saved or not self._last_loss_finite:
+                return
             p = self._save(collective=False)
             if p is not None:
-                print(f"[lverse] crashed at step {self.state.step}; checkpoint written to {p}", file=sys.stderr)
+                say(f"crashed in step {self.state.step + 1}; the state after step {self.state.step} is in {p}")
         except Exception as e:  # never hide the original error
-            print(f"[lverse] could not write a crash checkpoint: {e}", file=sys.stderr)
+            say(f"could not write a crash checkpoint: {e}")

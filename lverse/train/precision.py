@@ -15,6 +15,7 @@ PyTorch because apex is not on the package registry:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -79,12 +80,22 @@ class Precision:
         loss.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, grad_clip: float) -> tuple[bool, float]:
-        """Clip, step, zero grads. Returns (stepped, grad_norm)."""
+        """Clip, step, zero grads. Returns (stepped, grad_norm). Gradients with a NaN or an
+        infinity are not applied (the step is skipped and counted, as the fp16 scalers do):
+        one such update would make every weight it touches non-finite."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = _clip(params, grad_clip)
+        if not math.isfinite(norm):  # the global norm: every rank takes the same decision
+            self.discard(optimizer)
+            self.skipped_steps += 1
+            return False, norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True, norm
+
+    def discard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients without applying them (a step with a non-finite loss)."""
+        optimizer.zero_grad(set_to_none=True)
 
     @property
     def scale(self) -> float:
@@ -207,6 +218,11 @@ class FP16O2(Precision):
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss.float() * self._scale).backward()
+
+    def discard(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for p, _ in self._pairs:  # the fp16 model's own gradients, not yet moved to the masters
+            p.grad = None
 
     def _gather_grads(self) -> bool:
         """Move model grads onto the masters (fp32, unscaled); True if any is inf/nan."""

@@ -1,7 +1,7 @@
 """Learning-rate schedules: the papers' plateau halving, and a cosine (``train.schedule``).
 
 Both answer ``lr_at(step, progress)`` before each optimizer step and ``observe(loss, step)``
-after it, and keep their state in the checkpoint.
+after it, and keep their state in the checkpoint. ``rebase(lr)`` sets a new learning rate on a resume (``--resume RUN train.lr=X``).
 
 ``plateau`` (:class:`PlateauHalving`, the papers' "halve the learning rate when the loss
 plateaus"): the training loss is averaged over windows of ``window`` steps (already averaged
@@ -24,7 +24,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lverse.train.loop import TrainConfig
+    from lverse.train.settings import TrainConfig
 
 SCHEDULES = ("plateau", "cosine")
 
@@ -101,12 +101,19 @@ class PlateauHalving:
             return True
         return False
 
+    def rebase(self, lr: float) -> None:
+        """A new learning rate from now on (halvings so far are forgotten)."""
+        self.base_lr = self.lr = lr
+
+    _STATE = ("lr", "best", "bad_windows", "halvings", "_sum", "_n")
+
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("lr", "best", "bad_windows", "halvings", "_sum", "_n")}
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
-            setattr(self, k, v)
+            if k in self._STATE:
+                setattr(self, k, v)
 
 
 class Cosine:
@@ -128,6 +135,9 @@ class Cosine:
 
     def observe(self, loss: float, step: int | None = None) -> bool:
         return False  # the rate depends on progress alone
+
+    def rebase(self, lr: float) -> None:
+        self.base_lr = lr
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # nothing learnt from the run: progress (steps, elapsed time) is the trainer's

@@ -92,7 +92,8 @@ def _image_dataset(cfg: ImageDataConfig, train: bool, path: str = "") -> Any:
 def collate_images(items: list[Any]) -> dict[str, Any]:
     """Stack images; items that failed to load are dropped and counted (:func:`collate_skip_none`)."""
     batch = collate_skip_none(items)
-    return {"image": batch.get("image", torch.empty(0)), "skipped": batch["skipped"]}
+    return {"image": batch.get("image", torch.empty(0)), "batch_size": batch["batch_size"],
+            "skipped": batch["skipped"], "skipped_by": batch.get("skipped_by", {})}
 
 
 def freeze_tokenizer_side(model: AugVAE) -> None:

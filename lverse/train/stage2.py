@@ -15,8 +15,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from lverse.config import ConfigError, to_dict
+from lverse.data.images import derive_seed
 from lverse.data.tokens import TokenDataset
 from lverse.files import resolve_weights
 from lverse.models.biart import BiART, BiARTConfig
@@ -86,6 +88,23 @@ def build_stage2_model(cfg: Stage2Config, tokenizer: TextTokenizer, dataset: Tok
     return BiART(cfg.model)
 
 
+class SeededItems(Dataset):
+    """The token data with each item's sampler seed kept in the item (``"seed"``), so the
+    collate can draw its BPE dropout from it: a resumed run then tokenises every caption as an
+    unbroken one would, whichever loader worker reads it."""
+
+    def __init__(self, tokens: TokenDataset, source: str) -> None:
+        self.tokens, self.source = tokens, source
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        item = self.tokens[key]
+        item["seed"] = key[1] if isinstance(key, tuple) else None
+        return item
+
+
 class Stage2Task(Task):
     def __init__(self, cfg: Stage2Config) -> None:
         if cfg.directions not in DIRECTIONS:
@@ -109,13 +128,16 @@ class Stage2Task(Task):
     def prepare(self, device: torch.device) -> None:
         self.device = device
 
-    def train_dataset(self) -> TokenDataset:
-        return self.dataset
+    def train_dataset(self) -> SeededItems:
+        return SeededItems(self.dataset, ", ".join(self.cfg.data.tokens))
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
-        # Tokenising here (batched, in the loader workers) keeps BPE dropout fresh every epoch.
+        # Tokenising here (batched, in the loader workers) keeps BPE dropout fresh every epoch;
+        # each caption's dropout follows its item's seed (a new one every epoch).
+        seeds = [it.get("seed") for it in items]
         text = self.tokenizer.encode_batch(
-            [it["caption"] for it in items], length=self.cfg.model.text_len, dropout=self.cfg.data.bpe_dropout
+            [it["caption"] for it in items], length=self.cfg.model.text_len, dropout=self.cfg.data.bpe_dropout,
+            seeds=None if None in seeds else [derive_seed("lverse-bpe-dropout", s) for s in seeds],
         )
         return {
             "codes": torch.stack([it["codes"] for it in items]),

@@ -3,7 +3,7 @@
 The :class:`~lverse.train.loop.Trainer` asks its strategy, never ``if fsdp``, whenever the
 answer depends on it: how to wrap the model, whether a micro-step all-reduces its gradients,
 how to gather the full weights and optimizer state for a checkpoint, and whether a crash
-checkpoint can be written at all. The same pattern as :mod:`lverse.train.precision`.
+checkpoint can be written at all (a single process only). The same pattern as :mod:`lverse.train.precision`.
 
 * :class:`SingleProcess`: a world of one (also what ``strategy: ddp`` or ``fsdp`` means there).
 * :class:`DDP`: every rank holds the whole model; gradients are all-reduced on the last
@@ -27,8 +27,9 @@ STRATEGIES = ("ddp", "fsdp")
 
 class SingleProcess:
     name = "single"
-    # A crash checkpoint is written by whichever rank crashed, alone; that works while each
-    # rank holds the whole model.
+    # A crash checkpoint is written by the process that crashed, alone: only a world of one
+    # knows the whole state (several ranks have their own data positions and RNG streams, and
+    # the peers may be gone), so with DDP or FSDP the last periodic checkpoint stands.
     can_crash_save = True
 
     def __init__(self, info: DistInfo) -> None:
@@ -67,6 +68,7 @@ class SingleProcess:
 
 class DDP(SingleProcess):
     name = "ddp"
+    can_crash_save = False  # see SingleProcess
 
     def wrap(self, model: nn.Module) -> nn.Module:
         # Start every replica from rank 0's state, buffers included (DDP would only sync the
@@ -97,8 +99,7 @@ class FSDP(SingleProcess):
     """
 
     name = "fsdp"
-    # Gathering the shards for a checkpoint is a collective: a rank that crashed alone cannot.
-    can_crash_save = False
+    can_crash_save = False  # see SingleProcess; gathering the shards is a collective besides
 
     def __init__(self, info: DistInfo, precision: str) -> None:
         super().__init__(info)
