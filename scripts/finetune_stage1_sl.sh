@@ -11,5 +11,7 @@ if [ "$RECIPE" = shapes ]; then
 fi
 : "${DATA:?set DATA to the ImageNet train folder (class sub-folders) or a tar-shard glob}"
 : "${ML:?set ML to the AugVAE-ML run directory or model.safetensors}"
-lverse_torchrun train_augvae.py --config configs/augvae_sl_paper.yaml --resume auto init_from="$ML" \
-  data.kind="${KIND:-folder}" data.path="$DATA" "$@"
+KIND="${KIND:-folder}"
+STREAM=(); [ "$KIND" = tar ] && STREAM=(train.max_epochs=0 train.schedule=plateau)  # shards have no epochs
+lverse_torchrun train_augvae.py --config configs/augvae_sl_paper.yaml --resume auto init_from="$ML" data.kind="$KIND" \
+  data.path="$DATA" ${STREAM[@]+"${STREAM[@]}"} "$@"

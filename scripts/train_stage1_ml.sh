@@ -7,6 +7,7 @@
 #     RECIPE=shapes bash scripts/train_stage1_ml.sh
 # Extra arguments are config overrides, e.g. train.max_epochs=1. Running it again (a requeue, a
 # torchrun restart: MAX_RESTARTS, see env.sh) continues the run from its newest checkpoint.
+# KIND=tar streams shards, which have no epochs: the budget is then train.max_steps.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 RECIPE="${RECIPE:-paper}"
@@ -15,4 +16,6 @@ if [ "$RECIPE" = shapes ]; then
 fi
 : "${DATA:?set DATA to the ImageNet train folder (class sub-folders) or a tar-shard glob}"
 KIND="${KIND:-folder}"
-lverse_torchrun train_augvae.py --config configs/augvae_ml_paper.yaml --resume auto data.kind="$KIND" data.path="$DATA" "$@"
+STREAM=(); [ "$KIND" = tar ] && STREAM=(train.max_epochs=0 train.schedule=plateau)
+lverse_torchrun train_augvae.py --config configs/augvae_ml_paper.yaml --resume auto data.kind="$KIND" data.path="$DATA" \
+  ${STREAM[@]+"${STREAM[@]}"} "$@"

@@ -293,3 +293,14 @@ def test_ckpt_every_zero_writes_only_the_final_checkpoint(shapes_tokens: tuple[P
     _, res = fit(cfg_for(*shapes_tokens, tmp_path / "run", max_steps=4, ckpt_every=0))
     steps = sorted(p.name for p in (Path(res["run_dir"]) / "checkpoints").glob("step_*"))
     assert steps == ["step_0000004"]
+
+
+def test_num_image_codes_must_equal_the_codebook(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
+    """Training accepts only what `lverse bundle` accepts: BiART's image vocabulary is the
+    AugVAE's codebook (32 codes here), neither larger nor smaller."""
+    cfg = cfg_for(*shapes_tokens, tmp_path / "x")
+    cfg.auto_vocab, cfg.model.num_image_codes = False, 64
+    with pytest.raises(ConfigError, match="model.num_image_codes=64 but the token data comes from an AugVAE codebook of 32"):
+        Stage2Task(cfg)
+    cfg.auto_vocab = True  # follows the data, as text tokens and image length do (it used to keep the larger 64)
+    assert Stage2Task(cfg).model.cfg.num_image_codes == 32

@@ -373,10 +373,92 @@ def test_time_limit_stops_every_rank_after_the_same_step(tmp_path: Path) -> None
     assert steps[0] == steps[1] >= 1
 
 
-# --- guards and checksums ------------------------------------------------------------------
-@pytest.mark.parametrize("over,msg", [({"max_bad_steps": -1}, "max_bad_steps"),
-                                      ({"bad_share_warn": 0.5, "bad_share_stop": 0.1}, "bad_share")])
-def test_train_config_rejects_bad_guards(over: dict, msg: str) -> None:
+# --- the official plateau rule, epochs as a budget --------------------------------------------
+def test_plateau_epoch_follows_a_hand_worked_sequence() -> None:
+    """patience 2, cooldown 1, threshold 0.1 (relative), floor 0.2: each epoch's mean (the mean
+    of its steps' losses; NaN steps ignored) against the best so far, worked by hand, and the
+    same as torch's ReduceLROnPlateau given those means."""
+    from lverse.train.schedule import PlateauEpoch
+
+    s = PlateauEpoch(1.0, patience=2, cooldown=1, min_lr=0.2, threshold=0.1)
+    means = [10, 9.5, 9.0, 8.9] + [8.9] * 15
+    # e1 best 10; e2 9.5 and e3 9.0 are not below 10 x 0.9 (bad 1, 2: not more than 2); e4 8.9
+    # is (best, bad 0); e5-e7 bad 1-3: halve to 0.5 and cool down; e8 cool-down (bad reset);
+    # e9-e11 bad 1-3: 0.25; e12 cool-down; e13-e15: 0.2 (the floor, not 0.125); then no change
+    expected = [1.0] * 6 + [0.5] * 4 + [0.25] * 4 + [0.2] * 5
+    lrs, halved = [], []
+    for m in means:
+        for loss in (m - 0.5, float("nan"), m + 0.5):
+            assert not s.observe(loss)
+        halved.append(s.end_epoch())
+        lrs.append(s.lr)
+    assert lrs == pytest.approx(expected)
+    assert [i + 1 for i, h in enumerate(halved) if h] == [7, 11, 15] and s.halvings == 3
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2, cooldown=1, min_lr=0.2, threshold=0.1)
+    torch_lrs = []
+    for m in means:
+        ref.step(m)
+        torch_lrs.append(opt.param_groups[0]["lr"])
+    assert torch_lrs == pytest.approx(expected)
+    t = PlateauEpoch(1.0)
+    t.load_state_dict(s.state_dict())
+    assert (t.lr, t.best, t.bad_epochs, t.cooldown_left, t.epochs) == (s.lr, s.best, s.bad_epochs, s.cooldown_left, 19)
+    d = PlateauEpoch(1.0)  # the official defaults
+    assert (d.epoch_patience, d.epoch_cooldown, d.min_lr, d.threshold, d.factor) == (10, 10, 1e-6, 1e-4, 0.5)
+
+
+def test_epoch_budget_formula_for_the_paper_corpora() -> None:
+    t = TrainConfig(batch_size=8, max_epochs=30)  # the official code: 8 per GPU, 30 epochs
+    assert t.steps_for_epochs(1_281_167, world_size=8) == 600_548   # ImageNet-1K
+    assert t.steps_for_epochs(113_287, world_size=8) == 53_104      # COCO Karpathy train+restval
+    assert t.steps_for_epochs(3_318_333, world_size=8) == 1_555_469  # CC3M
+    assert TrainConfig(batch_size=4, grad_accum=2, max_epochs=3).steps_for_epochs(10, 1) == 4  # ceil(30 / 8)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    source = "shards-{000..009}.tar"
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randn(4, generator=g)
+            yield x, x.sum(0, keepdim=True)
+
+
+class _StreamTask(_LinearTask):
+    def train_dataset(self) -> _Stream:  # type: ignore[override]
+        return _Stream()
+
+
+def test_max_epochs_sets_the_budget_and_plateau_epoch_steps_per_epoch(tmp_path: Path) -> None:
+    over = dict(run_dir=str(tmp_path / "run"), device="cpu", batch_size=4, lr=0.05, max_epochs=2, max_steps=1000,
+                schedule="plateau_epoch", log_every=1, ckpt_every=0, num_workers=0, tensorboard=False, progress=False)
+    full = _Outer(train=from_dict(TrainConfig, over, "train"))
+    tr = Trainer(full.train, lambda: _LinearTask(), full_config=full)
+    res = tr.fit()
+    assert res["step"] == 32 and tr.cfg.max_steps == 32  # ceil(2 x 64 items / 4)
+    assert yaml_train(tmp_path / "run")["max_steps"] == 32  # the resolved budget is what the run records
+    assert tr.schedule.epochs == 2 and tr.state.epoch == 2 and tr.state.pos == 0  # judged at each epoch's end
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows][14:18] == [0, 1, 1, 1]  # step 16 ends epoch 0
+    for key, val in (("max_epochs", 1), ("schedule", "plateau_epoch")):
+        cfg = from_dict(TrainConfig, {**over, "run_dir": str(tmp_path / key), "max_epochs": 0, "schedule": "plateau",
+                                      key: val}, "train")
+        with pytest.raises(ConfigError, match=r"shards-\{000..009\}.tar is a stream"):
+            Trainer(cfg, lambda: _StreamTask()).fit()
+
+
+def yaml_train(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["train"]
+
+
+@pytest.mark.parametrize("over,msg", [({"max_epochs": -1}, "max_epochs"), ({"max_bad_steps": -1}, "max_bad_steps"),
+                                      ({"bad_share_warn": 0.5, "bad_share_stop": 0.1}, "bad_share"),
+                                      ({"schedule": "plateau_epoch", "time_limit_minutes": 1.0}, "schedule=cosine")])
+def test_train_config_rejects_bad_guards_and_budgets(over: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         from_dict(TrainConfig, over, "train")
 

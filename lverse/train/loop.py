@@ -8,7 +8,7 @@ A model supplies a :class:`~lverse.train.task.Task` (its model, loss, data and p
 * precision (fp32 / bf16 / fp16 / fp16-o2, see :mod:`lverse.train.precision`);
 * gradient accumulation with no all-reduce on the non-final micro-steps;
 * AdamW with the papers' learning-rate rule (``base_lr × global batch``) and a schedule
-  (:mod:`lverse.train.schedule`), and an optional wall-time limit;
+  (:mod:`lverse.train.schedule`), a step budget in steps or epochs, an optional wall-time limit;
 * a run directory (locked while it trains) with the resolved config, TensorBoard scalars,
   ``metrics.jsonl``, ``events.jsonl``, image grids;
 * checkpoints every ``ckpt_every`` steps, on SIGINT/SIGTERM and on a crash, and an exact
@@ -21,7 +21,7 @@ A model supplies a :class:`~lverse.train.task.Task` (its model, loss, data and p
   stops the run with its counts; a resume falls back past damaged checkpoints
   (:mod:`lverse.train.checkpoint`) and may change only some settings (:mod:`lverse.train.rundir`).
 
-:meth:`Trainer.fit` reads top to bottom: lock the run, restore a checkpoint,
+:meth:`Trainer.fit` reads top to bottom: lock the run, size the budget, restore a checkpoint,
 set the model up, then train / log / draw / checkpoint step after step until the run is done.
 """
 from __future__ import annotations
@@ -107,6 +107,7 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         dataset = self.task.train_dataset()
         built = dict(getattr(dataset, "skip_summary", dict)())  # records dropped while it was built
+        self._resolve_budget(dataset)
         saved = find_checkpoint(self.resume, self.run_dir, say=self.info.is_main)
         changes = self._resume_changes(saved)    # refuses what a resume may not change
         if saved is not None:
@@ -179,6 +180,24 @@ class Trainer:
                   f"Resume with --resume {self.run_dir}", file=sys.stderr)
 
     # --- before the first step ----------------------------------------------------------------
+    def _resolve_budget(self, dataset: Dataset) -> None:
+        """``max_epochs`` → ``max_steps``; epoch-based settings need map-style data."""
+        cfg, source = self.cfg, source_of(dataset)
+        if isinstance(dataset, IterableDataset):
+            for key, on in (("max_epochs", cfg.max_epochs > 0), ("schedule=plateau_epoch", cfg.schedule == "plateau_epoch")):
+                if on:
+                    raise ConfigError(f"train.{key} needs epochs of a dataset with a length; {source} is a stream: "
+                                      "set train.max_epochs=0 and a train.max_steps budget, with train.schedule plateau or cosine")
+            return
+        if cfg.max_epochs:
+            n, gb = len(dataset), cfg.global_batch(self.info.world_size)  # type: ignore[arg-type]
+            cfg.max_steps = cfg.steps_for_epochs(n, self.info.world_size)
+            if self.info.is_main:
+                print(f"[lverse] train.max_epochs={cfg.max_epochs}: ceil({cfg.max_epochs} x {n:,} items / global batch "
+                      f"{gb}) = {cfg.max_steps:,} steps (train.max_steps)", file=sys.stderr)
+            if cfg.average != "none" and cfg.average_start >= cfg.max_steps:
+                raise ConfigError(f"train.average_start={cfg.average_start} averages nothing in {cfg.max_steps} steps")
+
     def _open_run_dir(self) -> None:
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, tensorboard=self.cfg.tensorboard)
         if self.info.is_main and self.full_config is not None:
@@ -330,6 +349,7 @@ class Trainer:
         gradient norm."""
         cfg, st, task = self.cfg, self.state, self.task
         self._snapshot()
+        self.feed.epoch_ended = False
         self.optimizer.zero_grad(set_to_none=True)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -351,8 +371,9 @@ class Trainer:
                 logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.grad_accum
             self.window.samples += n
             n_micro += 1
-        # The rank-averaged loss is NaN on every rank when it is on any: every rank skips the same steps.
-        mean = all_reduce_mean({"loss": loss_sum}, self.info.device)
+        # One collective: the rank-averaged loss is NaN on every rank when it is on any (so every
+        # rank skips the same steps), and whether any rank's epoch ended with this step.
+        mean = all_reduce_mean({"loss": loss_sum, "epoch_end": float(self.feed.epoch_ended)}, self.info.device)
         self._last_loss_finite = math.isfinite(mean["loss"])
         self._phase = "optimizer"
         if self._last_loss_finite:
@@ -371,6 +392,9 @@ class Trainer:
             self.window.add(logs_acc)
         if self.schedule.observe(mean["loss"], st.step) and self.info.is_main:
             print(f"[lverse] loss plateaued: learning rate halved to {self.schedule.lr:.3g} at step {st.step}",  # type: ignore[union-attr]
+                  file=sys.stderr)
+        if mean["epoch_end"] > 0 and self.schedule.end_epoch() and self.info.is_main:
+            print(f"[lverse] epoch loss plateaued: learning rate halved to {self.schedule.lr:.3g} at step {st.step}",  # type: ignore[union-attr]
                   file=sys.stderr)
         if self.bar is not None:
             self.bar.update(1)

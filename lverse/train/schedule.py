@@ -1,7 +1,8 @@
-"""Learning-rate schedules: the papers' plateau halving, and a cosine (``train.schedule``).
+"""Learning-rate schedules: plateau halving (two rules), and a cosine (``train.schedule``).
 
-Both answer ``lr_at(step, progress)`` before each optimizer step and ``observe(loss, step)``
-after it, and keep their state in the checkpoint. ``rebase(lr)`` sets a new learning rate on a resume (``--resume RUN train.lr=X``).
+Each answers ``lr_at(step, progress)`` before each optimizer step, ``observe(loss, step)``
+after it and ``end_epoch()`` when the step finished an epoch, and keeps its state in the
+checkpoint. ``rebase(lr)`` sets a new learning rate on a resume (``--resume RUN train.lr=X``).
 
 ``plateau`` (:class:`PlateauHalving`, the papers' "halve the learning rate when the loss
 plateaus"): the training loss is averaged over windows of ``window`` steps (already averaged
@@ -12,6 +13,14 @@ an optional linear cool-down ends it: over the last ``cooldown_steps`` of ``tota
 rate falls linearly from its current value to ``min_lr``. (Short runs that stop while the loss
 still falls gain most of a halving schedule's benefit from such a final decay; the paper
 recipes leave it off.)
+
+``plateau_epoch`` (:class:`PlateauEpoch`): the rule of the official L-Verse code, PyTorch's
+``ReduceLROnPlateau(mode="min", factor=0.5, patience=10, cooldown=10, min_lr=1e-6,
+threshold=1e-4)`` stepped once per epoch with that epoch's mean training loss (the mean of the
+steps' rank-averaged losses). An epoch is bad when its mean does not beat the best so far by the
+relative threshold; after a halving, ``cooldown`` epochs pass before bad epochs count again; the
+rate halves when more than ``patience`` bad epochs have accumulated. Warm-up and the linear
+cool-down are as for ``plateau``.
 
 ``cosine`` (:class:`Cosine`): a linear warm-up times a cosine from ``lr`` to
 ``lr × min_lr_ratio`` over the run's *progress* in [0, 1], which the trainer computes as the
@@ -26,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lverse.train.settings import TrainConfig
 
-SCHEDULES = ("plateau", "cosine")
+SCHEDULES = ("plateau", "plateau_epoch", "cosine")
 
 
 class PlateauHalving:
@@ -101,6 +110,9 @@ class PlateauHalving:
             return True
         return False
 
+    def end_epoch(self) -> bool:
+        return False  # windows of steps, not epochs
+
     def rebase(self, lr: float) -> None:
         """A new learning rate from now on (halvings so far are forgotten)."""
         self.base_lr = self.lr = lr
@@ -114,6 +126,53 @@ class PlateauHalving:
         for k, v in state.items():
             if k in self._STATE:
                 setattr(self, k, v)
+
+
+class PlateauEpoch(PlateauHalving):
+    """``plateau_epoch``: see the module doc. ``observe`` only sums the epoch's losses;
+    :meth:`end_epoch` decides."""
+
+    def __init__(self, base_lr: float, patience: int = 10, cooldown: int = 10, min_lr: float = 1e-6,
+                 threshold: float = 1e-4, factor: float = 0.5, warmup_steps: int = 0, total_steps: int = 0,
+                 cooldown_steps: int = 0) -> None:
+        super().__init__(base_lr, window=1, patience=1, factor=factor, threshold=threshold, min_lr=min_lr,
+                         warmup_steps=warmup_steps, total_steps=total_steps, cooldown_steps=cooldown_steps)
+        self.epoch_patience, self.epoch_cooldown = patience, cooldown
+        self.bad_epochs = 0
+        self.cooldown_left = 0  # epochs of the cool-down after a halving still to go
+        self.epochs = 0
+
+    def observe(self, loss: float, step: int | None = None) -> bool:
+        if math.isfinite(loss):
+            self._sum += loss
+            self._n += 1
+        return False
+
+    def end_epoch(self) -> bool:
+        """Judge the epoch that just ended by its mean loss; True when the rate was just halved."""
+        if self._n == 0:
+            return False
+        mean = self._sum / self._n
+        self._sum, self._n = 0.0, 0
+        self.epochs += 1
+        if mean < self.best * (1 - self.threshold):
+            self.best, self.bad_epochs = mean, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:  # the epochs right after a halving are not held against it
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs <= self.epoch_patience:
+            return False
+        self.bad_epochs, self.cooldown_left = 0, self.epoch_cooldown
+        new = max(self.lr * self.factor, self.min_lr)
+        if self.lr - new <= 1e-8:  # at the floor already (ReduceLROnPlateau's eps)
+            return False
+        self.lr = new
+        self.halvings += 1
+        return True
+
+    _STATE = PlateauHalving._STATE + ("bad_epochs", "cooldown_left", "epochs")
 
 
 class Cosine:
@@ -136,6 +195,9 @@ class Cosine:
     def observe(self, loss: float, step: int | None = None) -> bool:
         return False  # the rate depends on progress alone
 
+    def end_epoch(self) -> bool:
+        return False
+
     def rebase(self, lr: float) -> None:
         self.base_lr = lr
 
@@ -150,5 +212,8 @@ def build_schedule(cfg: TrainConfig, lr: float) -> PlateauHalving | Cosine:
     """``cfg.schedule`` starting from the resolved learning rate ``lr``."""
     if cfg.schedule == "cosine":
         return Cosine(lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    if cfg.schedule == "plateau_epoch":
+        return PlateauEpoch(lr, cfg.epoch_patience, cfg.epoch_cooldown, cfg.epoch_min_lr, cfg.epoch_threshold,
+                            warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, cooldown_steps=cfg.cooldown_steps)
     return PlateauHalving(lr, cfg.plateau_window, cfg.plateau_patience, 0.5, cfg.plateau_threshold, cfg.min_lr,
                           cfg.warmup_steps, total_steps=cfg.max_steps, cooldown_steps=cfg.cooldown_steps)

@@ -73,13 +73,17 @@ def load_tokenizer(spec: str) -> TextTokenizer:
 def build_stage2_model(cfg: Stage2Config, tokenizer: TextTokenizer, dataset: TokenDataset) -> BiART:
     if cfg.auto_vocab:
         cfg.model = dataclasses.replace(cfg.model, num_text_tokens=tokenizer.vocab_size, image_len=dataset.tokens_per_image,
-                                        num_image_codes=max(cfg.model.num_image_codes, dataset.codebook_size))
+                                        num_image_codes=dataset.codebook_size)
     if cfg.model.num_text_tokens != tokenizer.vocab_size:
         raise ConfigError(f"model.num_text_tokens={cfg.model.num_text_tokens} but the tokenizer has {tokenizer.vocab_size} tokens")
     if cfg.model.image_len != dataset.tokens_per_image:
         raise ConfigError(f"model.image_len={cfg.model.image_len} but the token data has {dataset.tokens_per_image} codes per image")
-    if dataset.codebook_size > cfg.model.num_image_codes:
-        raise ConfigError(f"the token data uses a codebook of {dataset.codebook_size} codes; model.num_image_codes={cfg.model.num_image_codes}")
+    # Equal, not merely enough: a BiART whose image vocabulary is larger than the AugVAE's
+    # codebook can sample codes the AugVAE cannot decode, and `lverse bundle` refuses it.
+    if cfg.model.num_image_codes != dataset.codebook_size:
+        raise ConfigError(f"model.num_image_codes={cfg.model.num_image_codes} but the token data comes from an AugVAE "
+                          f"codebook of {dataset.codebook_size} codes: they must be equal (set model.num_image_codes="
+                          f"{dataset.codebook_size}, or auto_vocab: true)")
     if cfg.init_from:
         model = BiART.load(resolve_weights(cfg.init_from))
         if model.cfg != cfg.model:
