@@ -17,7 +17,6 @@ import torch
 from lverse.inference.defaults import Sampling
 from lverse.inference.generate import DECODE_BATCH, DEFAULT_TEXT_TOKENS, Reranker
 from lverse.inference.pipeline import LVersePipeline
-from lverse.inference.rerank import combine_scores
 from lverse.inference.sampling import generate_captions, generate_images, truncate_caption
 
 
@@ -41,17 +40,8 @@ def text_tokens(pipe: LVersePipeline, max_text_tokens: int | None) -> int:
 def _split_scores(parts: dict[str, torch.Tensor], n_items: int, per: int) -> list[dict[str, torch.Tensor]]:
     """Flat score sets ``(n_items * per,)`` -> one dict per item with its ``score`` (the one
     family's, or the z-scored sum within the item's candidates, as the Reranker does)."""
-    out = []
-    for i in range(n_items):
-        own = {k: v[i * per : (i + 1) * per].float().cpu() for k, v in parts.items()}
-        if not own:
-            own["score"] = torch.zeros(per)
-        elif len(own) == 1:
-            own["score"] = next(iter(own.values()))
-        else:
-            own["score"] = combine_scores(list(own.values()))
-        out.append(own)
-    return out
+    return [Reranker.finish({k: v[i * per : (i + 1) * per].float().cpu() for k, v in parts.items()}, per)
+            for i in range(n_items)]
 
 
 def rerank_captions(reranker: Reranker, pipe: LVersePipeline, images: torch.Tensor, codes: torch.Tensor,

@@ -54,7 +54,7 @@ class Reranker:
             parts["clip"] = self.clip.score_images(pixels, prompt).cpu()
         if "cycle" in self.mode:
             parts["cycle"] = self.cycle.score_images(text_ids, codes).cpu()
-        return self._finish(parts, codes.shape[0])
+        return self.finish(parts, codes.shape[0])
 
     def captions(self, image: torch.Tensor, codes: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
@@ -63,10 +63,11 @@ class Reranker:
             parts["clip"] = self.clip.score_texts(image, captions).cpu()
         if "cycle" in self.mode:
             parts["cycle"] = self.cycle.score_captions(codes, self.pipe.captions_to_ids(captions)).cpu()
-        return self._finish(parts, len(captions))
+        return self.finish(parts, len(captions))
 
     @staticmethod
-    def _finish(parts: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    def finish(parts: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """Adds ``score``, the one candidates are chosen by, to one candidate set's family scores."""
         if not parts:
             parts["score"] = torch.zeros(n)
         elif len(parts) == 1:
