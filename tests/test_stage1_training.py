@@ -63,7 +63,7 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def test_resume_reaches_same_weights_as_unbroken_run(tmp_path: Path) -> None:
     full, _ = fit(tiny_cfg(tmp_path / "a", max_steps=8))
-    fit(tiny_cfg(tmp_path / "b", max_steps=4))  # "stopped" after 4 steps (an epoch is 16 items = 4 steps)
+    fit(tiny_cfg(tmp_path / "b", max_steps=4))  # "stopped" after 4 steps, mid-epoch (an epoch is 64 items = 16 steps)
     resumed, res = fit(tiny_cfg(tmp_path / "b", max_steps=8), resume=str(tmp_path / "b"))
     assert res["step"] == 8
     a, b = _weights(full), _weights(resumed)
