@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+# Segment ids of a BiART sequence (lverse.models.biart): REF = the conditional reference (the given
+# text or image), GEN = the generation target. The loss (lverse.models.loss) weighs the parts by them.
+REF = 0
+GEN = 1
+
 
 @dataclass(frozen=True)
 class VocabLayout:

@@ -274,6 +274,61 @@ def test_loss_masks_and_parts(model):
     torch.testing.assert_close(sequence_nll(h, idx, seg, v)[0], sequence_nll(h.float(), idx, seg, v)[0])
 
 
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize("modality", [False, True])
+def test_head_nll_equals_reference_values_and_gradients(modality):
+    """The chunked loss through the head (BiART.loss, head_nll) against sequence_nll on full
+    logits: same loss, stats and gradients of every parameter, whatever the chunk size."""
+    from lverse.models.loss import head_nll
+
+    m = tiny(modality_softmax=modality).train()
+    m.drop.p = 0.0  # no dropout, so both passes see the same network
+    for mod in m.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    m.blocks[0].attn.attn_pdrop = m.blocks[1].attn.attn_pdrop = 0.0
+    v, params = m.vocab, list(m.parameters())
+    for direction in ("t2i", "i2t"):
+        idx, seg = batch(m.cfg, direction)
+        ref_loss, ref_st = sequence_nll(m(idx, seg), idx, seg, v, 0.5, 2.0, modality_softmax=modality)
+        ref_g = _grads(ref_loss, params)
+        for chunk in (1, 7, 0):
+            h = m.hidden(idx, seg)
+            loss, st = head_nll(h, m.head.weight, idx, seg, v, 0.5, 2.0, modality, chunk)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+            for k in ref_st:
+                torch.testing.assert_close(st[k], ref_st[k], rtol=1e-6, atol=1e-6)
+            for a, b in zip(_grads(loss, params), ref_g):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # the model's method and its forward(loss_weights=) are this path; a scaled backward
+        # (loss scaling, accumulation) scales the gradients
+        loss, _ = m(idx, seg, loss_weights=(0.5, 2.0))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for a, b in zip(_grads(3.0 * loss, params), ref_g):
+            torch.testing.assert_close(a, 3.0 * b, rtol=1e-5, atol=1e-6)
+    if modality:  # a restricted softmax gives each target more mass than the full one
+        assert loss < sequence_nll(m(idx, seg), idx, seg, v, 0.5, 2.0)[0]
+
+
+def test_head_nll_under_bf16_autocast():
+    """Under autocast the head runs in bf16 like autocast's Linear, the softmax in fp32."""
+    m = tiny(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    idx, seg = batch(m.cfg, "t2i")
+    params = list(m.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, _ = sequence_nll(m(idx, seg), idx, seg, m.vocab)
+        loss, _ = m.loss(idx, seg)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=2e-3)
+    grads = _grads(loss, params)
+    for a, b in zip(grads, _grads(ref_loss, params)):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3 * float(b.abs().max()))
+    head_grad = grads[[p is m.head.weight for p in params].index(True)]
+    assert head_grad.dtype == torch.float32 and head_grad.abs().sum() > 0
+
+
 def test_tiny_model_overfits_fixed_batch():
     m = tiny(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     cfg = m.cfg

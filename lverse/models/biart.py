@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 from lverse.config import from_dict, to_dict
 from lverse.files import load_weights, save_weights
-from lverse.vocab import VocabLayout
+from lverse.models.loss import head_nll, sequence_nll  # noqa: F401 (sequence_nll: re-exported)
+from lverse.vocab import GEN, REF, VocabLayout  # noqa: F401 (segment ids, re-exported)
 
-REF = 0  # segment id: conditional reference (the given text or image)
-GEN = 1  # segment id: generation target
 Direction = Literal["t2i", "i2t"]
 
 
@@ -56,6 +55,11 @@ class BiARTConfig:
     attn_pdrop: float = 0.1
     tie_head: bool = False  # paper: untied output head (~522M parameters)
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
+    # Training loss only (not the paper, default off): each target's softmax over its own kind of
+    # ids, image codes over the codebook and caption ids over the text vocabulary, which is what
+    # the sampler draws from anyway; image targets then cost 8,192 head rows instead of 57,603.
+    # Teacher-forced scores (rerank, evaluation) still use the full softmax.
+    modality_softmax: bool = False
 
     @property
     def vocab(self) -> VocabLayout:
@@ -310,9 +314,19 @@ class BiART(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
     def forward(
-        self, idx: torch.Tensor, segments: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
-    ) -> torch.Tensor:
-        """Logits ``(B, T, V)``: the output head over :meth:`hidden`."""
+        self,
+        idx: torch.Tensor,
+        segments: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        loss_weights: tuple[float, float] | None = None,
+    ) -> Any:
+        """Logits ``(B, T, V)``: the output head over :meth:`hidden`.
+
+        With ``loss_weights=(ref_weight, gen_weight)``: :meth:`loss` instead, ``(loss, stats)``,
+        so a model wrapped by DDP or ``torch.compile`` can be called for its loss."""
+        if loss_weights is not None:
+            return self.loss(idx, segments, *loss_weights)
         return self.head(self.hidden(idx, segments, cache, start_pos))
 
     def hidden(
@@ -370,8 +384,11 @@ class BiART(nn.Module):
         ref_weight: float = 1.0,
         gen_weight: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Next-token NLL of both parts of full sequences; see :func:`sequence_nll`."""
-        return sequence_nll(self(idx, segments), idx, segments, self.vocab, ref_weight, gen_weight)
+        """Next-token NLL of both parts of full sequences (:func:`~lverse.models.loss.sequence_nll`'s
+        values and gradients), with the head run only where a target counts and never over the
+        whole batch at once (:func:`~lverse.models.loss.head_nll`)."""
+        h = self.hidden(idx, segments)
+        return head_nll(h, self.head.weight, idx, segments, self.vocab, ref_weight, gen_weight, self.cfg.modality_softmax)
 
     # --- sequences ------------------------------------------------------------------------
     def build_prompt(self, cond: torch.Tensor, direction: Direction) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +477,7 @@ class BiART(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# Sequences and loss (pure functions; the model methods above call these)
+# Sequences (pure functions; the model methods above call these)
 # ------------------------------------------------------------------------------------------
 
 
@@ -530,63 +547,6 @@ def _check_image(cfg: BiARTConfig, codes: torch.Tensor) -> torch.Tensor:
             f"[{int(codes.min())}, {int(codes.max())}]"
         )
     return cfg.vocab.image_to_global(codes.long())
-
-
-def sequence_nll(
-    logits: torch.Tensor,
-    idx: torch.Tensor,
-    segments: torch.Tensor,
-    vocab: VocabLayout,
-    ref_weight: float = 1.0,
-    gen_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token NLL over both parts of a sequence.
-
-    Position ``t`` predicts ``idx[t+1]``; a target belongs to the part (REF/GEN) of its own
-    segment. Only image-code and text targets count: PAD targets (padding after a caption)
-    and the separators [SOC]/[SOI] (always at the same place, so trivially predictable) are
-    left out. ``loss = ref_weight * mean NLL(REF) + gen_weight * mean NLL(GEN)``: the paper's
-    two NLL losses, each a mean so the short caption is not drowned by 1024 image tokens.
-    Cross-entropy runs in fp32 whatever the logits' dtype.
-
-    The dict (detached tensors) holds ``nll_text``, ``nll_image`` (by the kind of the target
-    token, whichever part it is in), ``nll_ref``, ``nll_gen`` and the token counts
-    ``n_text``, ``n_image``, ``n_ref``, ``n_gen``.
-    """
-    targets = idx[:, 1:]
-    tseg = segments[:, 1:]
-    is_img = vocab.is_image(targets)
-    is_txt = vocab.is_text(targets)
-    valid = is_img | is_txt
-    # ignore_index rather than multiplying by a mask: excluded positions then contribute an
-    # exact 0 even if their logits are inf/nan.
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        torch.where(valid, targets, torch.full_like(targets, -100)).reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view_as(targets)
-
-    def mean(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = mask.sum()
-        return (nll * mask).sum() / n.clamp(min=1), n
-
-    nll_ref, n_ref = mean(valid & (tseg == REF))
-    nll_gen, n_gen = mean(valid & (tseg == GEN))
-    nll_text, n_text = mean(is_txt)
-    nll_image, n_image = mean(is_img)
-    loss = ref_weight * nll_ref + gen_weight * nll_gen
-    stats = {
-        "nll_text": nll_text,
-        "nll_image": nll_image,
-        "nll_ref": nll_ref,
-        "nll_gen": nll_gen,
-        "n_text": n_text,
-        "n_image": n_image,
-        "n_ref": n_ref,
-        "n_gen": n_gen,
-    }
-    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def describe(cfg: BiARTConfig | dict[str, Any] | None = None) -> dict[str, Any]:

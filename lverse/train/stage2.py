@@ -171,11 +171,10 @@ class Stage2Task(Task):
         else:
             idx, seg = self.model.build_sequence(text, codes, direction)  # type: ignore[arg-type]
             parts = [(direction, (idx, seg))]
-        from lverse.models.biart import sequence_nll
+        from lverse.models.loss import nll_stats
 
-        with autocast():
-            logits = model(idx, seg)
-        loss, stats = sequence_nll(logits, idx, seg, self.vocab, self.cfg.ref_weight, self.cfg.gen_weight)
+        with autocast():  # the loss without full logits (BiART.loss), through DDP/compile's wrapper
+            loss, stats = model(idx, seg, loss_weights=(self.cfg.ref_weight, self.cfg.gen_weight))
         logs = {"loss": loss.detach().item()}
         if len(parts) == 1:
             d = parts[0][0]
@@ -185,7 +184,7 @@ class Stage2Task(Task):
             off = 0
             for d, (pi, ps) in parts:
                 n = pi.shape[0]
-                _, st = sequence_nll(logits[off : off + n].detach(), pi, ps, self.vocab)
+                _, st = nll_stats(stats["token_nll"][off : off + n], pi, ps, self.vocab)
                 logs[f"{d}/nll_text"] = float(st["nll_text"])
                 logs[f"{d}/nll_image"] = float(st["nll_image"])
                 off += n
