@@ -46,6 +46,19 @@ from lverse.vocab import VocabLayout
 Progress = Callable[[int], object]  # e.g. tqdm.update: called with the number of tokens drawn
 
 
+def _report(progress: Progress | None, rows: int, out: torch.Tensor, t: int) -> None:
+    """Tell ``progress`` that one more token was drawn for each of ``rows`` rows. A progress
+    object with a ``partial`` method also gets the ids drawn so far, ``out[:, :t + 1]`` (the
+    web page's min-dalle-style previews, :mod:`lverse.serve`); an exception it raises (a
+    cancelled request) ends the decoding."""
+    if progress is None:
+        return
+    progress(rows)
+    partial = getattr(progress, "partial", None)
+    if partial is not None:
+        partial(out[:, : t + 1])
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is drawn from the (masked) logits.
@@ -219,8 +232,7 @@ def _decode_rows_cached(
     for t in range(n_new):
         tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
         out[:, t] = tok
-        if progress is not None:
-            progress(rows)
+        _report(progress, rows, out, t)
         if t == n_new - 1 or (done is not None and bool(done.all())):
             if progress is not None and t < n_new - 1:
                 progress(rows * (n_new - 1 - t))  # the rest is PAD: account for it at once
@@ -256,8 +268,7 @@ def _decode_rows_uncached(
         logits = _logits(model, model.hidden(idx, seg)[:, -1], part, restrict=False)
         tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
         out[:, t] = tok
-        if progress is not None:
-            progress(rows)
+        _report(progress, rows, out, t)
         if done is not None and bool(done.all()) and t < n_new - 1:
             if progress is not None:
                 progress(rows * (n_new - 1 - t))
