@@ -3,6 +3,7 @@ caption post-processing. Tiny random BiARTs on CPU."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -364,3 +365,90 @@ def test_decode_captions_and_pad() -> None:
     padded = pad_captions(v, ids[:, :5], 8)
     assert padded.shape == (2, 8) and bool((padded[:, 5:] == v.pad).all())
     assert math.isfinite(float(padded.float().sum()))
+
+
+# ------------------------------------------------------------------------------------------
+# fast decoding: bf16 cache, fixed-shape (compiled) step, deferred end check, Gumbel-max draws
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_fast_decoder_options_give_the_reference_greedy_tokens(direction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 key/value cache for the fp32 model, and the fixed-shape step that torch.compile
+    traces (run eagerly here: compiling takes ~30 s on a CPU), write the reference decoder's
+    greedy tokens."""
+    m = tiny(2, scale=10)
+    if direction == "t2i":
+        prompt, seg = m.build_prompt(random_text(m, 3), "t2i")
+        n, part = m.cfg.image_len, image_part(m.vocab)
+    else:
+        prompt, seg = m.build_prompt(random_codes(m, 3), "i2t")
+        n, part = 6, text_part(m.vocab, EOT)
+    greedy = SamplingParams(greedy=True)
+    ref = decode(m, prompt, seg, n, 2, part, greedy, use_cache=False)
+    assert len({tuple(r.tolist()) for r in ref[:, 0]}) == 3
+    compiled: list[object] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    monkeypatch.setattr("lverse.inference.step._COMPILED", {})
+    for kw in (dict(cache_dtype=torch.bfloat16), dict(compile_step=True),
+               dict(compile_step=True, cache_dtype=torch.bfloat16)):
+        assert torch.equal(decode(m, prompt, seg, n, 2, part, greedy, batch_size=3, **kw), ref), kw
+    assert compiled == [{"mode": None, "dynamic": False}]  # compiled once, reused by every chunk and call
+
+
+@pytest.mark.skipif(not os.environ.get("LVERSE_TEST_COMPILE"), reason="set LVERSE_TEST_COMPILE=1 (compiles ~30 s)")
+def test_compiled_step_gives_the_reference_greedy_tokens() -> None:
+    m = tiny(2, scale=10)
+    prompt, seg = m.build_prompt(random_text(m, 2), "t2i")
+    greedy, part = SamplingParams(greedy=True), image_part(m.vocab)
+    ref = decode(m, prompt, seg, m.cfg.image_len, 1, part, greedy, use_cache=False)
+    assert torch.equal(decode(m, prompt, seg, m.cfg.image_len, 1, part, greedy, compile_step=True), ref)
+
+
+def test_deferred_end_check_gives_the_same_captions_and_generator_state() -> None:
+    """Checking for ended captions every few steps (what spares a GPU a host sync per step)
+    gives the tokens, and leaves the generator in the state, of a check at every step, also
+    for the chunks decoded after one that ended early."""
+    m = tiny(4)
+    v = m.vocab
+    _hostile(m, torch.arange(v.size) == v.text_start + EOT)  # rows end after a token or two
+    prompt, seg = m.build_prompt(random_codes(m, 3), "i2t")
+    part, params = text_part(v, EOT), SamplingParams(temperature=1.5)
+    runs = []
+    for every in (1, 3, 50):
+        g, calls = torch.Generator().manual_seed(7), []
+        out = decode(m, prompt, seg, 6, 4, part, params, g, batch_size=6, sync_every=every, progress=calls.append)
+        runs.append((out, torch.rand(4, generator=g), sum(calls)))
+        if every == 1:  # some chunk really ended before its last step (its rest reported at once)
+            assert any(c > 6 for c in calls)
+    for out, after, total in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(after, runs[0][1]) and total == runs[0][2] == 3 * 4 * 6
+
+
+def test_gumbel_draw_follows_the_distribution_chi_square() -> None:
+    """Gumbel-max draws (pre-drawn noise, as the decoder uses it) against the filtered
+    distribution: a chi-square test at the 0.1% level with a fixed seed. A draw from the wrong
+    distribution (e.g. the unfiltered one, or uniform noise) fails it by far."""
+    from lverse.inference.step import GumbelNoise
+
+    probs = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.08, 0.05, 0.02])
+    logits = torch.log(probs)[None].expand(20000, -1)
+    allowed = torch.tensor([True, True, True, True, True, True, False])
+    params = SamplingParams(temperature=1.3, top_k=5, draw="gumbel")
+    expect = torch.softmax(filter_logits(logits[:1], allowed, 1.3, 5)[0], 0)
+    assert expect[5:].sum() == 0  # top-k 5 of the 6 allowed: the last two never drawn
+    g = torch.Generator().manual_seed(0)
+
+    def chi2(s: torch.Tensor, p: torch.Tensor) -> float:
+        n, k = torch.bincount(s, minlength=7).double(), p.double() * s.numel()
+        assert float(n[k == 0].sum()) == 0
+        return float(((n - k)[k > 0] ** 2 / k[k > 0]).sum())
+
+    noise = GumbelNoise(20000, 7, g, torch.device("cpu"), block=2)
+    for s in (sample_from_logits(logits, allowed, params, g),
+              sample_from_logits(logits, allowed, params, noise=noise.next()),
+              sample_from_logits(logits, allowed, params, noise=noise.next())):
+        assert chi2(s, expect) < 18.47  # 4 degrees of freedom, p = 0.001
+    uniform = (filter_logits(logits, allowed, 1.3, 5) + torch.rand(20000, 7, generator=g)).argmax(-1)
+    assert chi2(uniform, expect) > 1000
+    with pytest.raises(ValueError, match="draw"):
+        SamplingParams(draw="fast")

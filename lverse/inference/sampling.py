@@ -20,7 +20,7 @@ How a batch is decoded (:func:`decode`):
    rest of it, as in the training sequences (``text eot PAD PAD ...``).
 4. Since the ids a part allows are one contiguous range, the cached decoder multiplies the
    last hidden state (:meth:`~lverse.models.biart.BiART.hidden`) by that range of the output
-   head's rows only (:func:`_logits`); everything outside it would be ``-inf`` after masking.
+   head's rows only (:func:`~lverse.inference.step.span_logits`); everything outside it would be ``-inf`` after masking.
    For images that is 8,192 of 57,603 rows, most of a step's cost in a narrow model
    (``bench/sampling.py`` reports both).
 
@@ -38,12 +38,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from lverse.inference.step import GumbelNoise, default_generator, gumbel_noise, single_token_step, span_logits
 from lverse.models.biart import GEN, BiART, KVCache
 from lverse.vocab import VocabLayout
 
 Progress = Callable[[int], object]  # e.g. tqdm.update: called with the number of tokens drawn
+DRAWS = ("multinomial", "gumbel")
 
 
 def _report(progress: Progress | None, rows: int, out: torch.Tensor, t: int) -> None:
@@ -75,8 +76,14 @@ class SamplingParams:
     top_p: float = 1.0
     greedy: bool = False
     guidance: float = 1.0  # classifier-free guidance scale for text -> image; 1 = off (the paper)
+    # How a token is drawn: "multinomial" (torch.multinomial, the default) or "gumbel": the argmax
+    # of the logits plus Gumbel noise drawn for many steps at once, the same distribution
+    # (Gumbel-max) without a softmax or a generator call per step, but other draws for a seed.
+    draw: str = "multinomial"
 
     def __post_init__(self) -> None:
+        if self.draw not in DRAWS:
+            raise ValueError(f"draw must be one of {DRAWS}, got {self.draw!r}")
         if not self.guidance >= 0.0:
             raise ValueError(f"guidance must be >= 0 (1 = off), got {self.guidance}")
         if not self.temperature >= 0.0:
@@ -133,13 +140,22 @@ def sample_from_logits(
     allowed: torch.Tensor | None,
     params: SamplingParams,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token ids ``(N,)`` drawn from logits ``(N, V)`` under ``params``."""
+    """Next token ids ``(N,)`` drawn from logits ``(N, V)`` under ``params``.
+
+    ``draw="gumbel"``: ``argmax(x + g)`` with ``g`` standard Gumbel noise ``(N, V)`` (``noise``,
+    or drawn here): the index of the largest is distributed as ``softmax(x)`` (Gumbel-max)."""
     if params.is_greedy:
         return filter_logits(logits, allowed).argmax(dim=-1)
     x = filter_logits(logits, allowed, params.temperature, params.top_k, params.top_p)
+    if params.draw == "gumbel":
+        g = noise if noise is not None else gumbel_noise(x.shape, generator, x.device)
+        return (x + g).argmax(dim=-1)
     probs = torch.softmax(x, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 
 
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -172,7 +188,7 @@ class TargetPart:
 
     ``allowed`` is a boolean mask over the whole vocabulary; the ids it allows span the rows
     ``lo..hi-1`` (:attr:`span`). Only those rows of the output head are computed by the cached
-    decoder (:func:`_logits`): logits outside the span would be ``-inf`` after masking
+    decoder (:func:`~lverse.inference.step.span_logits`): logits outside the span would be ``-inf`` after masking
     anyway, and in a narrow model the head is most of a step's cost (image codes are 8,192 of
     the paper's 57,603 ids).
     """
@@ -193,20 +209,6 @@ class TargetPart:
         return TargetPart(self.allowed.to(device), ends, self.pad_id)
 
 
-def _logits(model: BiART, h: torch.Tensor, part: TargetPart, restrict: bool) -> torch.Tensor:
-    """Logits ``(N, hi - lo)`` over the part's span of ids, from hidden states ``h`` ``(N, C)``.
-
-    ``restrict``: only the span's rows of the output head are multiplied; otherwise the full
-    head, then the span (what the reference decoder does)."""
-    lo, hi = part.span
-    # A strided h (the last position of a prompt) would take another matmul kernel, whose last
-    # bits differ; contiguous, the logits equal those of the head applied to that position alone.
-    h = h.contiguous()
-    if restrict:
-        return F.linear(h, model.head.weight[lo:hi])
-    return model.head(h)[:, lo:hi]
-
-
 def _decode_rows_cached(
     model: BiART,
     cache: KVCache,
@@ -219,27 +221,54 @@ def _decode_rows_cached(
     progress: Progress | None,
     guided: bool = False,
     restrict: bool = True,
+    sync_every: int = 1,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """``guided``: the cache and ``first_logits`` hold the unconditional rows below the
     conditional ones; both halves are fed the token drawn from the guided logits. ``restrict``:
-    see :func:`_logits`."""
+    see :func:`~lverse.inference.step.span_logits`. ``sync_every``, ``compile_step``: see :func:`decode`."""
     fed = first_logits.shape[0]
+    device = first_logits.device
     rows = fed // 2 if guided else fed
-    out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=first_logits.device)
-    seg = torch.full((fed, 1), GEN, dtype=torch.long, device=first_logits.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=first_logits.device) if part.end_ids is not None else None
+    out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=device)
+    seg = torch.full((fed, 1), GEN, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device) if part.end_ids is not None else None
+    noise = None
+    if params.draw == "gumbel" and not params.is_greedy:
+        noise = GumbelNoise(rows, part.span[1] - part.span[0], generator, device)
+    # Captions end when every row has: asking a GPU that at each step would stall the host.
+    # ``sync_every`` steps apart instead, with the step where all rows had ended kept on the
+    # device and the generator wound back to its state after that step, so the tokens, and the
+    # draws of any later chunk, are those of a check at every step.
+    deferred = done is not None and sync_every > 1
+    gen = generator if generator is not None else default_generator(device)
+    states: list[torch.Tensor] = []
+    all_done_at = torch.full((), -1, dtype=torch.long, device=device)
+    step = single_token_step(model, cache, seg, part.span, restrict, compile_step)
     logits = first_logits
     for t in range(n_new):
-        tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
+        tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done,
+                    noise.next() if noise is not None else None)
         out[:, t] = tok
         _report(progress, rows, out, t)
-        if t == n_new - 1 or (done is not None and bool(done.all())):
+        ended = -1
+        if done is not None and not deferred and bool(done.all()):
+            ended = t
+        elif deferred:
+            assert done is not None
+            states.append(gen.get_state())
+            all_done_at = torch.where((all_done_at < 0) & done.all(), t, all_done_at)
+            if (t + 1) % sync_every == 0 or t == n_new - 1:
+                ended = int(all_done_at)  # the one host sync of these steps
+                if ended >= 0:
+                    gen.set_state(states[ended - (t + 1 - len(states))])
+                states.clear()
+        if t == n_new - 1 or ended >= 0:
             if progress is not None and t < n_new - 1:
                 progress(rows * (n_new - 1 - t))  # the rest is PAD: account for it at once
             break
         feed = torch.cat([tok, tok]) if guided else tok
-        h = model.hidden(feed[:, None], seg, cache=cache, start_pos=prompt_len + t)
-        logits = _logits(model, h[:, -1], part, restrict)
+        logits = step(feed, prompt_len + t)
     return out
 
 
@@ -261,12 +290,16 @@ def _decode_rows_uncached(
     out = torch.full((rows, n_new), part.pad_id, dtype=torch.long, device=prompt.device)
     gen_seg = torch.full((fed, n_new), GEN, dtype=torch.long, device=prompt.device)
     done = torch.zeros(rows, dtype=torch.bool, device=prompt.device) if part.end_ids is not None else None
+    noise = None
+    if params.draw == "gumbel" and not params.is_greedy:
+        noise = GumbelNoise(rows, part.span[1] - part.span[0], generator, prompt.device)
     for t in range(n_new):
         drawn = torch.cat([out, out]) if guided else out
         idx = torch.cat([prompt, drawn[:, :t]], dim=1)
         seg = torch.cat([segments, gen_seg[:, :t]], dim=1)
-        logits = _logits(model, model.hidden(idx, seg)[:, -1], part, restrict=False)
-        tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done)
+        logits = span_logits(model, model.hidden(idx, seg)[:, -1], part.span, restrict=False)
+        tok = _next(guide(logits, params.guidance) if guided else logits, part, params, generator, done,
+                    noise.next() if noise is not None else None)
         out[:, t] = tok
         _report(progress, rows, out, t)
         if done is not None and bool(done.all()) and t < n_new - 1:
@@ -282,10 +315,11 @@ def _next(
     params: SamplingParams,
     generator: torch.Generator | None,
     done: torch.Tensor | None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw from span logits ``(N, hi - lo)``; returns vocabulary ids."""
     lo, hi = part.span
-    tok = sample_from_logits(logits, part.allowed[lo:hi], params, generator) + lo
+    tok = sample_from_logits(logits, part.allowed[lo:hi], params, generator, noise) + lo
     if done is not None:
         # Rows that already ended still draw (so every row consumes the generator the same
         # way whatever happened before), but their draw is replaced by PAD.
@@ -310,6 +344,9 @@ def decode(
     progress: Progress | None = None,
     restrict_head: bool = True,
     uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cache_dtype: torch.dtype | None = None,
+    sync_every: int = 0,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """Draw ``candidates`` continuations of ``n_new`` tokens for each prompt row.
 
@@ -324,6 +361,17 @@ def decode(
     (``params.guidance != 1``) contrasts every row with. It is prefilled once; each decoding
     row then gets an unconditional twin, so a step runs twice the rows (``batch_size`` counts
     both).
+
+    Speed options of the cached decoder (the defaults change nothing):
+
+    * ``cache_dtype``: keys/values in this dtype (default: the model's), e.g. bf16 for an fp32
+      model: attention then runs in bf16 and reads half the bytes; tokens may differ in the
+      last bits of near-ties.
+    * ``sync_every``: captions check whether every row has ended only every this many steps
+      (0: 8 on a GPU, 1 elsewhere), which is what stalls a GPU's queue; the tokens and the
+      generator's state are those of a check at every step.
+    * ``compile_step``: the single-token step through ``torch.compile`` with fixed shapes (a
+      CUDA graph on a GPU where torch can capture it); for GPUs: on a CPU it compiles slowly.
     """
     if n_new < 1:
         raise ValueError(f"decode: n_new must be >= 1, got {n_new}")
@@ -342,6 +390,7 @@ def decode(
     if P + n_new - 1 > model.cfg.block_size:
         raise ValueError(f"decode: prompt {P} + {n_new} new tokens exceed block_size {model.cfg.block_size}")
     device = model.device
+    sync_every = sync_every or (8 if device.type == "cuda" else 1)
     prompt, segments = prompt.to(device), segments.to(device)
     if uncond is not None:
         uncond = (uncond[0].to(device), uncond[1].to(device))
@@ -356,8 +405,8 @@ def decode(
 
     def prefill(pr: torch.Tensor, sg: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         # The last drawn token is never fed back, hence P + n_new - 1 positions.
-        cache = model.new_cache(pr.shape[0], max_len=P + n_new - 1)
-        return cache, _logits(model, model.hidden(pr, sg, cache=cache)[:, -1], part, restrict)
+        cache = model.new_cache(pr.shape[0], max_len=P + n_new - 1, dtype=cache_dtype)
+        return cache, span_logits(model, model.hidden(pr, sg, cache=cache)[:, -1], part.span, restrict)
 
     try:
         if use_cache and guided:  # the one unconditional prompt, prefilled once for all rows
@@ -380,7 +429,8 @@ def decode(
                         c = KVCache(torch.cat([c.k, ucache.k.expand(-1, r, -1, -1, -1)], 1),
                                     torch.cat([c.v, ucache.v.expand(-1, r, -1, -1, -1)], 1))
                         f = torch.cat([f, ufirst.expand(r, -1)])
-                    rows = _decode_rows_cached(model, c, f, P, n_new, part, params, generator, progress, guided, restrict)
+                    rows = _decode_rows_cached(model, c, f, P, n_new, part, params, generator, progress, guided,
+                                               restrict, sync_every, compile_step)
                 else:
                     p_, s_ = pr.repeat_interleave(n, 0), sg.repeat_interleave(n, 0)
                     if guided:

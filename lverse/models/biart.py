@@ -115,11 +115,12 @@ class LayerNorm(nn.LayerNorm):
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, computed in fp32 for bf16 inputs on the CPU."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    """``F.scaled_dot_product_attention``, computed in fp32 for bf16 inputs on the CPU in training."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         # The CPU's bf16 SDPA kernel is slow at short sequences (its backward took 16 ms per layer
         # at the Shapes BiART's (24, 4, 98, 32), fp32 5-7 ms); autocast, which would cast the fp32
-        # inputs straight back to bf16, is off for this one call.
+        # inputs straight back to bf16, is off for this one call. Decoding (no grad) stays in bf16:
+        # upcasting would copy the whole key/value cache at every step.
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
@@ -142,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
@@ -151,15 +152,26 @@ class CausalSelfAttention(nn.Module):
 
         mask: torch.Tensor | None = None
         is_causal = True
-        if kv is not None:
+        dtype = q.dtype
+        if kv is not None and isinstance(start_pos, torch.Tensor):
+            # Static shapes (a compiled or graph-captured step): the position is a tensor, the
+            # write an index_copy_, and the query attends to the whole buffer under a mask.
+            k_buf, v_buf = kv
+            pos = start_pos + torch.arange(T, device=x.device)
+            k_buf.index_copy_(2, pos, k.to(k_buf.dtype))
+            v_buf.index_copy_(2, pos, v.to(v_buf.dtype))
+            mask = pos[:, None] >= torch.arange(k_buf.shape[2], device=x.device)[None, :]
+            q, k, v, is_causal = q.to(k_buf.dtype), k_buf, v_buf, False
+        elif kv is not None:
             # Write this chunk's keys/values at their absolute positions, then attend to the
             # whole cached prefix. Buffers are views into the KVCache, so writes persist.
             k_buf, v_buf = kv
             end = start_pos + T
             k_buf[:, :, start_pos:end] = k
             v_buf[:, :, start_pos:end] = v
-            # .to(q.dtype): harmless normally; matters only if run under autocast.
-            k, v = k_buf[:, :, :end].to(q.dtype), v_buf[:, :, :end].to(q.dtype)
+            # A cache in another dtype than the model's (a bf16 cache for an fp32 model): attention
+            # runs in the cache's dtype, which halves the bytes a step reads; no copy of the cache.
+            q, k, v = q.to(k_buf.dtype), k_buf[:, :, :end], v_buf[:, :, :end]
             if T == 1:
                 is_causal = False  # a single new query may see every cached key
             elif start_pos > 0:
@@ -169,7 +181,7 @@ class CausalSelfAttention(nn.Module):
                 mask = qpos >= torch.arange(end, device=x.device)[None, :]
                 is_causal = False
         y = _attention(q, k, v, mask, is_causal, self.attn_pdrop if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
 
@@ -196,7 +208,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, start_pos: int
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, start_pos: int | torch.Tensor
     ) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), kv, start_pos)
         return x + self.mlp(self.ln2(x))
@@ -330,7 +342,7 @@ class BiART(nn.Module):
         return self.head(self.hidden(idx, segments, cache, start_pos))
 
     def hidden(
-        self, idx: torch.Tensor, segments: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self, idx: torch.Tensor, segments: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0
     ) -> torch.Tensor:
         """Final hidden states ``(B, T, n_embd)`` (after ``ln_f``, before the output head) for
         tokens at absolute positions ``start_pos..start_pos+T-1``.
@@ -342,11 +354,14 @@ class BiART(nn.Module):
         over the vocabulary per position, embedded as ``probs @ tok_emb.weight`` (the
         differentiable link of reconstruction finetuning). ``segments`` is ``(B, T)`` of
         REF/GEN. With ``cache``, keys/values are written at those positions and each token
-        attends to everything cached before it.
+        attends to everything cached before it. A 0-d tensor ``start_pos`` (with a cache) keeps
+        every shape fixed from step to step, for ``torch.compile``/CUDA graphs; nothing is checked.
         """
         B, T = idx.shape[:2]
         if segments.shape != (B, T):
             raise ValueError(f"BiART: segments {tuple(segments.shape)} must be (B, T) = {(B, T)}")
+        if isinstance(start_pos, torch.Tensor):  # a compiled step: no checks (they would sync a GPU)
+            return self._run(idx, segments, cache, start_pos, start_pos + torch.arange(T, device=idx.device))
         end = start_pos + T
         if start_pos < 0 or end > self.cfg.block_size:
             raise ValueError(
@@ -360,15 +375,20 @@ class BiART(nn.Module):
         elif start_pos != 0:
             raise ValueError("BiART: start_pos > 0 needs a cache holding the earlier positions")
 
+        if idx.is_floating_point() and (idx.dim() != 3 or idx.shape[-1] != self.tok_emb.num_embeddings):
+            raise ValueError(
+                f"BiART: soft tokens must be (B, T, {self.tok_emb.num_embeddings}), got {tuple(idx.shape)}"
+            )
+        return self._run(idx, segments, cache, start_pos, torch.arange(start_pos, end, device=idx.device))
+
+    def _run(
+        self, idx: torch.Tensor, segments: torch.Tensor, cache: KVCache | None, start_pos: Any, positions: torch.Tensor
+    ) -> torch.Tensor:
         if idx.is_floating_point():
-            if idx.dim() != 3 or idx.shape[-1] != self.tok_emb.num_embeddings:
-                raise ValueError(
-                    f"BiART: soft tokens must be (B, T, {self.tok_emb.num_embeddings}), got {tuple(idx.shape)}"
-                )
             tok = idx.to(self.tok_emb.weight.dtype) @ self.tok_emb.weight
         else:
             tok = self.tok_emb(idx)
-        pos = self.pos_emb(torch.arange(start_pos, end, device=idx.device))
+        pos = self.pos_emb(positions)
         # Cast to the compute dtype: under O2 everything is fp16 already, but soft tokens or an
         # embedding kept in another precision must not change the residual stream's dtype.
         x = self.drop((tok + pos + self.seg_emb(segments)).to(self.dtype))
