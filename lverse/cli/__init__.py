@@ -11,6 +11,7 @@
     lverse demo ...             the Shapes demo on the shipped checkpoints (the README's main job)
     lverse benchmark ...        the Shapes benchmark: every stage judged on a fixed test set
     lverse train-clip ...       the tiny Shapes CLIP used for reranking
+    lverse serve ...            a local web page to try both directions (needs lverse[serve])
 
 ``lverse SUBCOMMAND --help`` lists each one's options.
 """
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("lverse.cli.shapes", "benchmark"),
     "train-clip": ("lverse.cli.shapes", "train_clip"),
     "evaluate": ("lverse.cli.evaluate", "main"),
+    "serve": ("lverse.cli.serve", "main"),
 }
 
 
