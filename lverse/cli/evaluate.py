@@ -52,7 +52,7 @@ def _data(p: argparse.ArgumentParser, split: str, n_help: str) -> None:
 
 
 def _sampling(p: argparse.ArgumentParser, directions: Sequence[str]) -> None:
-    from lverse.inference.rerank import RERANKERS
+    from lverse.inference.rerank import check_reranker
 
     g = p.add_argument_group("sampling (default: the bundle's, as sample.py)")
     g.add_argument("--candidates", type=int, default=None, help="candidates per item (default 64)")
@@ -63,7 +63,8 @@ def _sampling(p: argparse.ArgumentParser, directions: Sequence[str]) -> None:
         g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (images)")
     if "image_to_text" in directions:
         g.add_argument("--max-text-tokens", type=int, default=None, help="caption tokens drawn (default 32)")
-    g.add_argument("--rerank", choices=RERANKERS, default=None, help="default clip+cycle (cycle without a CLIP)")
+    g.add_argument("--rerank", type=check_reranker, default=None, metavar="RERANKER",
+                   help="default clip+cycle (cycle without a CLIP); any of sample.py's --rerank")
     g.add_argument("--clip-model", default=None, help="reranking CLIP: open_clip architecture (with --clip-weights)")
     g.add_argument("--clip-weights", type=Path, default=None, help="reranking CLIP: local weights file")
 

@@ -34,7 +34,7 @@ from lverse.files import atomic_write_text, save_grid, save_image
 from lverse.inference.defaults import DEFAULTS, Sampling
 from lverse.inference.generate import image_to_text, load_reranker, text_to_image
 from lverse.inference.pipeline import LVersePipeline
-from lverse.inference.rerank import RERANKERS
+from lverse.inference.rerank import check_reranker
 
 EXIT_ERROR = 1
 
@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="caption tokens drawn (default 32, as in the paper, or the model's text length if shorter)")
 
     r = p.add_argument_group("reranking")
-    r.add_argument("--rerank", choices=RERANKERS, default=None,
-                   help=f"clip | cycle (BiART's reverse direction) | clip+cycle | none ({t2i.rerank} / {i2t.rerank}; "
-                        "cycle when no CLIP is at hand; with none one candidate is drawn)")
+    r.add_argument("--rerank", type=check_reranker, default=None, metavar="RERANKER",
+                   help=f"clip | likelihood (BiART's reverse direction; old name cycle) | reconstruct[:clip|latent|tokens] "
+                        f"(draw each candidate back, compare with the source) | families joined by '+' | none "
+                        f"({t2i.rerank} / {i2t.rerank}; cycle when no CLIP is at hand; with none one candidate is drawn)")
     r.add_argument("--clip-model", default=None, help="open_clip architecture name, e.g. ViT-B-32")
     r.add_argument("--clip-weights", type=Path, default=None,
                    help="local CLIP weights file for --clip-model (never downloaded), or a clip.safetensors")

@@ -35,6 +35,7 @@ def demo(argv: list[str] | None = None) -> int:
 
 def benchmark(argv: list[str] | None = None) -> int:
     from lverse.inference.pipeline import LVersePipeline
+    from lverse.inference.rerank import check_reranker
     from lverse.shapes.benchmark import (
         CANDIDATES,
         DIRECTIONS,
@@ -52,7 +53,11 @@ def benchmark(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=CANDIDATES,
                     help=f"candidates per item (default {CANDIDATES}: the paper's number for both directions)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rerankers", default=",".join(RERANKERS))
+    ap.add_argument("--rerankers", default=",".join(RERANKERS),
+                    help="comma list; besides the default: likelihood, reconstruct[:clip|latent|tokens|sbert] "
+                         "and '+' combinations, e.g. reconstruct:clip,clip+reconstruct:latent")
+    ap.add_argument("--reconstruct-samples", type=int, default=1,
+                    help="reconstructions per candidate for the reconstruct rerankers (default 1, the paper's)")
     ap.add_argument("--directions", default=",".join(DIRECTIONS),
                     help="comma-separated subset of image_to_text,text_to_image (default both; "
                          "reconstruction is always measured)")
@@ -68,12 +73,15 @@ def benchmark(argv: list[str] | None = None) -> int:
     if directions is None:
         return 2
     try:
+        for r in args.rerankers.split(","):
+            check_reranker(r)
         pipe = LVersePipeline.load(args.checkpoint, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
-                           t2i_guidance=args.guidance, t2i_temperature=args.image_temperature, directions=directions)
+                           t2i_guidance=args.guidance, t2i_temperature=args.image_temperature, directions=directions,
+                           reconstruct_samples=args.reconstruct_samples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))

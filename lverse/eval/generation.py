@@ -51,13 +51,18 @@ def rerank_captions(reranker: Reranker, pipe: LVersePipeline, images: torch.Tens
     n, per = len(captions), len(captions[0])
     flat = [c for caps in captions for c in caps]
     parts: dict[str, torch.Tensor] = {}
-    if "clip" in reranker.mode:
-        assert reranker.clip is not None
-        img = reranker.clip.embed_images(images)
-        txt = reranker.clip.embed_texts(flat).view(n, per, -1)
-        parts["clip"] = torch.einsum("npd,nd->np", txt, img.to(txt.device)).reshape(-1)
-    if "cycle" in reranker.mode:
-        parts["cycle"] = reranker.cycle.score_captions(codes.repeat_interleave(per, 0), pipe.captions_to_ids(flat))
+    for key, family, option in reranker.parts:  # (key, family, option): lverse.inference.rerank.parse_reranker
+        if family == "clip":
+            assert reranker.clip is not None
+            img = reranker.clip.embed_images(images)
+            txt = reranker.clip.embed_texts(flat).view(n, per, -1)
+            parts[key] = torch.einsum("npd,nd->np", txt, img.to(txt.device)).reshape(-1)
+        elif family == "likelihood":
+            parts[key] = reranker.cycle.score_captions(codes.repeat_interleave(per, 0), pipe.captions_to_ids(flat))
+        else:
+            assert reranker.reconstruct is not None
+            parts[key] = reranker.reconstruct.score_captions(option, codes.repeat_interleave(per, 0),
+                                                             pipe.captions_to_ids(flat), images.repeat_interleave(per, 0))
     return _split_scores(parts, n, per)
 
 
@@ -67,13 +72,18 @@ def rerank_images(reranker: Reranker, prompts: list[str], text_ids: torch.Tensor
     scored in one pass per family: the scores ``Reranker.images`` gives item by item."""
     n, per = codes.shape[0], codes.shape[1]
     parts: dict[str, torch.Tensor] = {}
-    if "clip" in reranker.mode:
-        assert reranker.clip is not None and pixels is not None
-        img = reranker.clip.embed_images(pixels.flatten(0, 1)).view(n, per, -1)
-        txt = reranker.clip.embed_texts(prompts)
-        parts["clip"] = torch.einsum("npd,nd->np", img, txt.to(img.device)).reshape(-1)
-    if "cycle" in reranker.mode:
-        parts["cycle"] = reranker.cycle.score_images(text_ids.repeat_interleave(per, 0), codes.flatten(0, 1))
+    for key, family, option in reranker.parts:
+        if family == "clip":
+            assert reranker.clip is not None and pixels is not None
+            img = reranker.clip.embed_images(pixels.flatten(0, 1)).view(n, per, -1)
+            txt = reranker.clip.embed_texts(prompts)
+            parts[key] = torch.einsum("npd,nd->np", img, txt.to(img.device)).reshape(-1)
+        elif family == "likelihood":
+            parts[key] = reranker.cycle.score_images(text_ids.repeat_interleave(per, 0), codes.flatten(0, 1))
+        else:
+            assert reranker.reconstruct is not None
+            parts[key] = reranker.reconstruct.score_images(option, text_ids.repeat_interleave(per, 0),
+                                                           codes.flatten(0, 1), [p for p in prompts for _ in range(per)])
     return _split_scores(parts, n, per)
 
 

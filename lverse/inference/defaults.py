@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lverse.inference.rerank import RERANKERS
+from lverse.inference.rerank import parse_reranker, uses_clip, without_clip
 from lverse.inference.sampling import SamplingParams
 
 DIRECTIONS = ("text_to_image", "image_to_text")
@@ -48,18 +48,21 @@ class Sampling:
     def __post_init__(self) -> None:
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
             raise ValueError(f"candidates must be an integer >= 1, got {self.candidates!r}")
-        if self.rerank not in RERANKERS:
-            raise ValueError(f"rerank must be one of {', '.join(RERANKERS)}, got {self.rerank!r}")
+        try:
+            parse_reranker(self.rerank)  # any family combination (lverse.inference.rerank)
+        except ValueError as e:
+            raise ValueError(f"rerank: {e}") from None
         self.params()  # SamplingParams checks temperature, top_k, top_p, guidance
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, guidance=self.guidance)
 
     def with_clip(self, has_clip: bool) -> "Sampling":
-        """The reranker actually usable: a CLIP reranker becomes ``cycle`` without a CLIP."""
-        if has_clip or "clip" not in self.rerank:
+        """The reranker actually usable: without a CLIP its CLIP parts go (``clip`` and
+        ``clip+cycle`` become ``cycle``; ``reconstruct:clip`` plain ``reconstruct``)."""
+        if has_clip or not uses_clip(self.rerank):
             return self
-        return dataclasses.replace(self, rerank="cycle")
+        return dataclasses.replace(self, rerank=without_clip(self.rerank))
 
     def override(self, **values: Any) -> "Sampling":
         """A copy with every value that is not None replaced (e.g. command-line flags)."""

@@ -21,7 +21,8 @@ import torch
 from lverse.inference.clip import load_clip
 from lverse.inference.defaults import Sampling
 from lverse.inference.pipeline import LVersePipeline
-from lverse.inference.rerank import ClipReranker, CycleReranker, combine_scores
+from lverse.inference.reconstruct import ReconstructReranker
+from lverse.inference.rerank import ClipReranker, LikelihoodReranker, combine_scores, parse_reranker, uses_clip
 from lverse.inference.sampling import generate_captions, generate_images, truncate_caption
 
 DECODE_BATCH = 16  # images through the AugVAE decoder at once (full-resolution activations are large)
@@ -30,39 +31,58 @@ Progress = Callable[[int], object]
 
 
 class Reranker:
-    """Scores one candidate set with ``mode`` (``clip``, ``cycle``, ``clip+cycle`` or ``none``).
+    """Scores one candidate set with ``mode``: ``none``, or families joined by ``+`` (``clip``,
+    ``likelihood`` alias ``cycle``, ``reconstruct[:similarity]``; :mod:`lverse.inference.rerank`).
 
-    Returns named score tensors: each family's own (``clip``, ``cycle``) and ``score``, the one
-    the best candidate is chosen by (their z-scored sum for ``clip+cycle``; zeros for ``none``,
-    which keeps the first candidate)."""
+    Returns named score tensors: each part's own, keyed as the mode spells it (``clip``,
+    ``cycle``, ``reconstruct:latent``, ...), and ``score``, the one the best candidate is chosen
+    by (the parts' z-scored sum when there are several; zeros for ``none``, which keeps the first
+    candidate). ``reconstruct`` (optional) sets how the reconstruct family draws and compares
+    (:class:`~lverse.inference.reconstruct.ReconstructReranker`); by default one reconstruction
+    per candidate, with this reranker's CLIP if any."""
 
-    def __init__(self, mode: str, pipe: LVersePipeline, clip: ClipReranker | None = None, batch_size: int = 64) -> None:
-        if "clip" in mode and clip is None:
+    def __init__(self, mode: str, pipe: LVersePipeline, clip: ClipReranker | None = None, batch_size: int = 64,
+                 reconstruct: ReconstructReranker | None = None) -> None:
+        self.parts = parse_reranker(mode)
+        if uses_clip(mode) and clip is None and (reconstruct is None or reconstruct.clip is None):
             raise ValueError(f"reranker {mode!r} needs a CLIP")
         self.mode, self.pipe, self.clip = mode, pipe, clip
-        self.cycle = CycleReranker(pipe.biart, batch_size)
+        self.cycle = self.likelihood = LikelihoodReranker(pipe.biart, batch_size)
+        if reconstruct is None and any(f == "reconstruct" for _, f, _ in self.parts):
+            reconstruct = ReconstructReranker(pipe, clip, batch_size=batch_size)
+        self.reconstruct = reconstruct
 
     @property
     def needs_pixels(self) -> bool:
-        return "clip" in self.mode
+        """Whether image candidates must be decoded to be scored (the CLIP family's)."""
+        return any(f == "clip" for _, f, _ in self.parts)
 
     def images(self, prompt: str, text_ids: torch.Tensor, codes: torch.Tensor,
                pixels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
-        if "clip" in self.mode:
-            assert self.clip is not None and pixels is not None
-            parts["clip"] = self.clip.score_images(pixels, prompt).cpu()
-        if "cycle" in self.mode:
-            parts["cycle"] = self.cycle.score_images(text_ids, codes).cpu()
+        for key, family, option in self.parts:
+            if family == "clip":
+                assert self.clip is not None and pixels is not None
+                parts[key] = self.clip.score_images(pixels, prompt).cpu()
+            elif family == "likelihood":
+                parts[key] = self.cycle.score_images(text_ids, codes).cpu()
+            else:
+                assert self.reconstruct is not None
+                parts[key] = self.reconstruct.score_images(option, text_ids, codes, prompt)
         return self.finish(parts, codes.shape[0])
 
     def captions(self, image: torch.Tensor, codes: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
-        if "clip" in self.mode:
-            assert self.clip is not None
-            parts["clip"] = self.clip.score_texts(image, captions).cpu()
-        if "cycle" in self.mode:
-            parts["cycle"] = self.cycle.score_captions(codes, self.pipe.captions_to_ids(captions)).cpu()
+        ids = self.pipe.captions_to_ids(captions) if any(f != "clip" for _, f, _ in self.parts) else None
+        for key, family, option in self.parts:
+            if family == "clip":
+                assert self.clip is not None
+                parts[key] = self.clip.score_texts(image, captions).cpu()
+            elif family == "likelihood":
+                parts[key] = self.cycle.score_captions(codes, ids).cpu()
+            else:
+                assert self.reconstruct is not None
+                parts[key] = self.reconstruct.score_captions(option, codes, ids, image)
         return self.finish(parts, len(captions))
 
     @staticmethod
@@ -83,7 +103,7 @@ def load_reranker(pipe: LVersePipeline, mode: str, clip_model: str | None = None
     for architecture ``clip_model``, or a ``clip.safetensors``), else the bundle's own. Errors name
     ``sample.py``'s flags, the way a user meets them."""
     clip = None
-    if "clip" in mode:
+    if uses_clip(mode):
         dev = pipe.device
         if clip_model is not None:
             if clip_weights is None:

@@ -1,26 +1,37 @@
 """Rerankers: pick the best of many sampled candidates.
 
-Two families (DESIGN section 4):
+Three families, each with its own name, combined with ``+`` (DESIGN section 5.3):
 
-* **CLIP** (L-Verse section 3.6, after DALL-E): score = cosine similarity of CLIP's image and
+* **clip** (L-Verse section 3.6, after DALL-E): score = cosine similarity of CLIP's image and
   text embeddings. :class:`ClipReranker` wraps any open_clip model; the weights come from a
   local file only (never downloaded).
-* **Cycle** (reconstruction reranking, "DALL-E and Flamingo" sections 3.1-3.3): the best
-  caption for an image is the one from which the image is reconstructed best, and the best
-  image for a text the one from which the text is reconstructed best. BiART holds both
-  directions, so instead of generating and comparing we score a candidate by the likelihood
-  its *reverse* direction gives the source: an image candidate by ``log p(text | image
-  tokens)`` (i2t, the caption as GEN), a caption candidate by ``log p(image tokens |
-  caption)`` (t2i). Scores are length-normalised: the mean log-probability over the counted
-  target tokens (caption ids incl. ``<end_of_text>``, or image codes; PAD and separators do
-  not count, as in training). One teacher-forced forward pass per candidate, chunked by
-  ``batch_size``. :class:`CycleReranker`.
-* ``clip+cycle``: the two scores are put on one scale by z-scoring each within the candidate
-  set (mean 0, std 1; a constant score set contributes 0) and summed, so neither dominates
-  by its units (cosine in [-1, 1] vs. log-probabilities in nats). :func:`combine_scores`.
+* **likelihood** (called ``cycle`` before the reconstruction family existed; ``cycle`` stays an
+  alias, so sampling.json files, scripts and reports keep working and keep their key): the
+  reconstruction paper's idea ("DALL-E and Flamingo", sections 3.1-3.3) without generating.
+  BiART holds both directions, so a candidate is scored by the likelihood its *reverse*
+  direction gives the source: an image candidate by ``log p(text | image tokens)`` (i2t, the
+  caption as GEN), a caption candidate by ``log p(image tokens | caption)`` (t2i). Scores are
+  length-normalised: the mean log-probability over the counted target tokens (caption ids incl.
+  ``<end_of_text>``, or image codes; PAD and separators do not count, as in training). One
+  teacher-forced forward pass per candidate, chunked by ``batch_size``.
+  :class:`LikelihoodReranker` (``CycleReranker``, its old name).
+* **reconstruct** (the paper's Insights I and II as it does them, by generating): a caption
+  candidate is drawn back into images and scored by their similarity to the input image; an
+  image candidate is captioned back and scored by the caption's similarity to the prompt.
+  ``reconstruct:<similarity>`` picks the similarity (``clip``, ``latent``, ``tokens`` or one a
+  caller registers); plain ``reconstruct`` is ``latent``, which needs no CLIP.
+  :mod:`lverse.inference.reconstruct`.
+* ``a+b``: the score sets are put on one scale by z-scoring each within the candidate set
+  (mean 0, std 1; a constant score set contributes 0) and summed, so neither dominates by its
+  units (cosine in [-1, 1] vs. log-probabilities in nats). :func:`combine_scores`.
+  ``clip+cycle`` (= ``clip+likelihood``) is the default (:mod:`lverse.inference.defaults`).
+
+A reranker's score sets are keyed by the names as the mode spells them (``clip+cycle`` gives
+``clip`` and ``cycle``; ``clip+likelihood`` gives ``clip`` and ``likelihood``, equal values).
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,7 +41,61 @@ import torch.nn.functional as F
 from lverse.inference.clip import CLIP_MEAN, CLIP_STD, load_clip
 from lverse.models.biart import GEN, BiART, Direction
 
+# The classic choices, in the order reports list them (``lverse benchmark`` and ``lverse evaluate
+# shapes`` score these by default); :func:`parse_reranker` accepts every combination of families.
 RERANKERS = ("clip", "cycle", "clip+cycle", "none")
+FAMILIES = ("clip", "likelihood", "reconstruct")
+ALIASES = {"cycle": "likelihood"}  # old name -> family
+# The similarities built into the reconstruct family (lverse.inference.reconstruct); callers may
+# register more (e.g. SBERT or CIDEr from lverse.eval) under other names.
+RECONSTRUCT_SIMILARITIES = ("clip", "latent", "tokens")
+# Names users may give beside the combinations (shown in --help).
+EXAMPLES = ("likelihood", "clip+likelihood", "reconstruct", "reconstruct:clip", "reconstruct:latent",
+            "reconstruct:tokens", "clip+reconstruct", "likelihood+reconstruct:latent")
+
+
+def parse_reranker(mode: str) -> list[tuple[str, str, str | None]]:
+    """``mode`` -> ``[(key, family, option)]``, one per ``+``-joined part (``none``: ``[]``).
+
+    ``key`` is the part as spelled (the score set's name), ``family`` one of :data:`FAMILIES`
+    (``cycle`` is ``likelihood``), ``option`` the similarity after ``reconstruct:`` (``None``: the
+    default). A bad mode is a ``ValueError`` naming the part."""
+    if not isinstance(mode, str) or not mode:
+        raise ValueError(f"reranker must be a non-empty string, got {mode!r}")
+    if mode == "none":
+        return []
+    out: list[tuple[str, str, str | None]] = []
+    for part in mode.split("+"):
+        name, _, option = part.partition(":")
+        family = ALIASES.get(name, name)
+        if family not in FAMILIES:
+            raise ValueError(f"unknown reranker {part!r} in {mode!r}; families: {', '.join(FAMILIES)} "
+                             f"(cycle = likelihood), joined with '+', or none; e.g. {', '.join(EXAMPLES[:4])}")
+        if option and family != "reconstruct":
+            raise ValueError(f"reranker {part!r} in {mode!r}: only reconstruct takes a similarity (reconstruct:NAME)")
+        if part in [k for k, _, _ in out]:
+            raise ValueError(f"reranker {mode!r} names {part!r} twice")
+        out.append((part, family, option or None))
+    return out
+
+
+class RerankerError(ValueError, argparse.ArgumentTypeError):
+    """A bad reranker name: a ValueError, which argparse prints as it is given (``type=``)."""
+
+
+def check_reranker(mode: str) -> str:
+    """``mode`` if :func:`parse_reranker` accepts it, else :class:`RerankerError` (a
+    ``ValueError``; as argparse's ``type=`` its message is printed)."""
+    try:
+        parse_reranker(mode)
+    except ValueError as e:
+        raise RerankerError(str(e)) from None
+    return mode
+
+
+def uses_clip(mode: str) -> bool:
+    """Whether ``mode`` has a CLIP part (``clip``, or ``reconstruct:clip``)."""
+    return any(f == "clip" or o == "clip" for _, f, o in parse_reranker(mode))
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,7 +183,7 @@ def conditional_logprob(
     return torch.cat(out, 0) if out else torch.empty(0, device=device)
 
 
-class CycleReranker:
+class LikelihoodReranker:
     """Scores candidates by BiART's reverse direction (see the module docstring)."""
 
     def __init__(self, model: BiART, batch_size: int = 64) -> None:
@@ -136,6 +201,9 @@ class CycleReranker:
         per row): mean log p(image | caption), ``(N,)``."""
         codes = _expand(image_codes, caption_ids_global.shape[0])
         return conditional_logprob(self.model, caption_ids_global, codes, "t2i", self.batch_size)
+
+
+CycleReranker = LikelihoodReranker  # the family's old name
 
 
 def _expand(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -288,14 +356,32 @@ def resolve_reranker(name: str | None, has_clip: bool) -> str:
     """``None`` -> ``clip`` when a CLIP is available, else ``cycle``; checks explicit choices."""
     if name is None:
         return "clip" if has_clip else "cycle"
-    if name not in RERANKERS:
-        raise ValueError(f"unknown reranker {name!r}; choose from {', '.join(RERANKERS)}")
-    return name
+    return check_reranker(name)
+
+
+def without_clip(mode: str) -> str:
+    """``mode`` usable without a CLIP: its ``clip`` parts dropped, ``reconstruct:clip`` as plain
+    ``reconstruct``; ``cycle`` when nothing is left (what the defaults fall back to)."""
+    parts = []
+    for key, family, option in parse_reranker(mode):
+        if family == "clip":
+            continue
+        parts.append("reconstruct" if option == "clip" else key)
+    if mode == "none":
+        return mode
+    return "+".join(dict.fromkeys(parts)) or "cycle"
 
 
 __all__ = [
     "RERANKERS",
+    "FAMILIES",
+    "ALIASES",
+    "parse_reranker",
+    "check_reranker",
+    "uses_clip",
+    "without_clip",
     "conditional_logprob",
+    "LikelihoodReranker",
     "CycleReranker",
     "ClipReranker",
     "zscore",

@@ -27,14 +27,16 @@ import torch
 
 from lverse.inference.defaults import DEFAULTS
 from lverse.inference.pipeline import LVersePipeline
+from lverse.inference.reconstruct import ReconstructReranker
 from lverse.inference.rerank import RERANKERS as ALL_RERANKERS
-from lverse.inference.rerank import ClipReranker, CycleReranker, combine_scores
+from lverse.inference.rerank import ClipReranker, CycleReranker, combine_scores, parse_reranker, uses_clip
 from lverse.inference.sampling import generate_captions, generate_images
 from lverse.shapes.judge import read_images
 from lverse.shapes.parse import match, try_parse_caption
 from lverse.shapes.scenes import ShapesDataset
 
-# Every reranker, the random pick ("none") first: the report's rows in this order.
+# The classic rerankers, the random pick ("none") first: the report's rows in this order. Others
+# (likelihood, reconstruct[:similarity], any "+" combination) are measured when asked for.
 RERANKERS = ("none", *(r for r in ALL_RERANKERS if r != "none"))
 # The generation directions (report key, title); reconstruction is always measured (its codes
 # feed image→text).
@@ -115,8 +117,9 @@ def _rerank_item(
     """One item's candidates: each reranker's pick scored against the judge's verdicts ``ok``
     (``clip+cycle`` from the two score sets), each score set's pairwise AUC, and the picks kept
     under ``picks["<kind>/<reranker>"]`` when asked."""
-    if "clip+cycle" in rerankers and "clip" in scores and "cycle" in scores:
-        scores["clip+cycle"] = combine_scores([scores["clip"], scores["cycle"]])
+    for r in rerankers:  # combinations (clip+cycle, ...): the parts' z-scored sum
+        if "+" in r and r not in scores:
+            scores[r] = combine_scores([scores[k] for k, _, _ in parse_reranker(r)])
     for r in rerankers:
         j = 0 if r == "none" else _pick(scores[r])
         tally.add(r, i, bool(ok[j]))
@@ -143,6 +146,7 @@ def run_benchmark(
     picks: dict[str, Any] | None = None,
     directions: Sequence[str] = DIRECTIONS,
     candidates_out: dict[str, Any] | None = None,
+    reconstruct_samples: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark. Candidates are drawn with the bundle's sampling settings
     (:meth:`LVersePipeline.defaults`: what ``sample.py`` uses); a ``t2i_*``/``i2t_*`` argument that is
@@ -154,12 +158,17 @@ def run_benchmark(
     ``candidates_out`` (if given) receives every item's candidates with the judge's verdicts and
     the score sets computed here (``"<direction>"``: a list of ``{"candidates", "ok", "scores"}``;
     ``"items"``: the test images, captions, held-out flags and object counts), so that other
-    rerankers can be compared later on the very same candidates (``bench/rerank_compare.py``)."""
+    rerankers can be compared later on the very same candidates (``bench/rerank_compare.py``).
+    ``reconstruct_samples``: reconstructions per candidate for the reconstruct family. The report's
+    ``rerank_seconds_per_item`` holds each score set's cost per item and direction."""
     bad = sorted(set(directions) - set(DIRECTIONS))
     if bad or not directions:
         raise ValueError(f"directions must be a non-empty subset of {list(DIRECTIONS)}, got {list(directions)}")
-    use_clip = pipe.has_clip and any("clip" in r for r in rerankers)
-    rerankers = [r for r in rerankers if use_clip or "clip" not in r]
+    use_clip = pipe.has_clip and any(uses_clip(r) for r in rerankers)
+    rerankers = [r for r in rerankers if use_clip or not uses_clip(r)]
+    # the score sets to compute, likelihood first, then CLIP, then reconstruction (the report's order)
+    atoms = {k: (f, o) for r in rerankers for k, f, o in parse_reranker(r)}
+    atoms = {k: atoms[k] for f0 in ("likelihood", "clip", "reconstruct") for k in atoms if atoms[k][0] == f0}
     ds = ShapesDataset("test", size=n, seed=seed, resolution=pipe.resolution)
     items = [ds[(i, seed)] for i in range(n)]
     images = torch.stack([it["image"] for it in items])
@@ -171,6 +180,22 @@ def run_benchmark(
         candidates_out["items"] = {"images": images, "captions": captions, "heldout": heldout, "objects": objects}
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
+    rebuild = None
+    if any(f == "reconstruct" for f, _ in atoms.values()):
+        extra = {}
+        if any(o == "sbert" for _, o in atoms.values()):  # the evaluation's SBERT (lverse[eval])
+            from lverse.eval.similarity import Sbert
+
+            extra["sbert"] = Sbert(pipe.device).cosines
+        rebuild = ReconstructReranker(pipe, clip, samples=reconstruct_samples, seed=seed, batch_size=batch_size,
+                                    text_similarities=extra)
+    cost: dict[str, dict[str, float]] = {}
+
+    def timed(direction: str, key: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t = time.perf_counter()
+        out = fn().float().cpu()
+        cost.setdefault(direction, {})[key] = cost.get(direction, {}).get(key, 0.0) + time.perf_counter() - t
+        return out
     t2i = pipe.defaults("text_to_image", temperature=t2i_temperature, guidance=t2i_guidance, top_k=t2i_top_k,
                         candidates=candidates)
     i2t = pipe.defaults("image_to_text", temperature=i2t_temperature, top_p=i2t_top_p, candidates=candidates)
@@ -206,10 +231,15 @@ def run_benchmark(
             ok = torch.tensor([match(try_parse_caption(t), truths[i]) for t in texts[i]])
             tally.oracle.append(bool(ok.any()))
             scores: dict[str, torch.Tensor] = {}
-            if "cycle" in rerankers or "clip+cycle" in rerankers:
-                scores["cycle"] = cycle.score_captions(codes[i], pipe.captions_to_ids(texts[i])).float().cpu()
-            if clip is not None:
-                scores["clip"] = clip.score_texts(images[i].to(pipe.device), texts[i]).float().cpu()
+            ids = pipe.captions_to_ids(texts[i])
+            for key, (family, option) in atoms.items():
+                if family == "likelihood":
+                    scores[key] = timed("image_to_text", key, lambda: cycle.score_captions(codes[i], ids))
+                elif family == "clip" and clip is not None:
+                    scores[key] = timed("image_to_text", key, lambda: clip.score_texts(images[i].to(pipe.device), texts[i]))
+                elif family == "reconstruct":
+                    scores[key] = timed("image_to_text", key, lambda: rebuild.score_captions(option, codes[i], ids,  # type: ignore[union-attr]
+                                                                                              images[i].to(pipe.device)))
             if candidates_out is not None:
                 candidates_out.setdefault("image_to_text", []).append({"candidates": texts[i], "ok": ok, "scores": dict(scores)})
             _rerank_item(tally, i, ok, scores, rerankers, picks, "captions", texts[i])
@@ -231,16 +261,21 @@ def run_benchmark(
             ok = torch.tensor([match(s, truths[i]) for s in read_images(imgs.cpu())])
             tally.oracle.append(bool(ok.any()))
             scores = {}
-            if "cycle" in rerankers or "clip+cycle" in rerankers:
-                scores["cycle"] = cycle.score_images(text_ids[i], gen[i]).float().cpu()
-            if clip is not None:
-                scores["clip"] = clip.score_images(imgs, captions[i]).float().cpu()
+            for key, (family, option) in atoms.items():
+                if family == "likelihood":
+                    scores[key] = timed("text_to_image", key, lambda: cycle.score_images(text_ids[i], gen[i]))
+                elif family == "clip" and clip is not None:
+                    scores[key] = timed("text_to_image", key, lambda: clip.score_images(imgs, captions[i]))
+                elif family == "reconstruct":
+                    scores[key] = timed("text_to_image", key, lambda: rebuild.score_images(option, text_ids[i], gen[i],  # type: ignore[union-attr]
+                                                                                            captions[i]))
             if candidates_out is not None:
                 candidates_out.setdefault("text_to_image", []).append({"candidates": imgs.cpu(), "ok": ok, "scores": dict(scores)})
             _rerank_item(tally, i, ok, scores, rerankers, picks, "images", imgs.cpu())
         report["text_to_image"] = tally.summary()
         log(f"[bench] text->image {json.dumps({k: v['exact'] for k, v in report['text_to_image'].items() if isinstance(v, dict) and 'exact' in v})} ({time.time() - t2:.0f}s)")
     report["seconds"] = round(time.time() - t0, 1)
+    report["rerank_seconds_per_item"] = {d: {k: round(v / n, 5) for k, v in c.items()} for d, c in cost.items()}
     if picks is not None:
         picks["truth_images"], picks["truth_captions"], picks["recon"] = images, captions, recon
         for k in [k for k in picks if k.startswith("images/")]:
@@ -309,6 +344,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     for key, title in _measured(report):
         sec = report[key]
         lines.append(f"| {title} | {_pct(sec.get('oracle_any_correct'))} | {_pct(sec.get('pairwise_auc_cycle'))} | {_pct(sec.get('pairwise_auc_clip'))} |")
+    lines += _more_rerankers_table(report)
     lines += _by_objects_table(report)
     lines += ["", f"The judge scores the ground-truth images at {_pct(report['judge_on_ground_truth'])} exact.",
               "", "Targets:", "", "| target | measured | |", "|---|---|---|"]
@@ -317,6 +353,25 @@ def markdown_table(report: dict[str, Any]) -> str:
                else "missed" if bar is None else f"missed by {100 * (bar - measured):.1f} points")
         lines.append(f"| {name} | {_pct(measured) if measured is not None else '–'} | {gap} |")
     return "\n".join(lines) + "\n"
+
+
+def _more_rerankers_table(report: dict[str, Any]) -> list[str]:
+    """Pairwise AUC and cost per item of the score sets beyond cycle and clip (likelihood,
+    reconstruct, ...); empty when the report has none (the classic report is unchanged)."""
+    cost = report.get("rerank_seconds_per_item", {})
+    keys = sorted({k[len("pairwise_auc_"):] for key, _ in _measured(report) for k in report[key]
+                   if k.startswith("pairwise_auc_")} - {"cycle", "clip", "clip+cycle"})
+    if not keys:
+        return []
+    lines = ["", "Other score sets: how often a correct candidate outscores a wrong one, and the cost:", "",
+             "| task | score set | pairwise AUC | seconds per item |", "|---|---|---|---|"]
+    for key, title in _measured(report):
+        for k in ["cycle", "clip", *keys]:
+            if f"pairwise_auc_{k}" in report[key]:
+                sec = cost.get(key, {}).get(k)
+                lines.append(f"| {title} | {k} | {_pct(report[key][f'pairwise_auc_{k}'])} | "
+                             f"{'–' if sec is None else f'{sec:.3f}'} |")
+    return lines
 
 
 def _by_objects_table(report: dict[str, Any]) -> list[str]:

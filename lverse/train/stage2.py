@@ -22,7 +22,10 @@ from lverse.data.images import derive_seed
 from lverse.data.tokens import TokenDataset
 from lverse.files import resolve_weights
 from lverse.models.biart import BiART, BiARTConfig
+from lverse.models.loss import sequence_nll
 from lverse.tokenizer import TextTokenizer
+from lverse.train import cycle
+from lverse.train.cycle import CycleConfig
 from lverse.train.loop import Task, TrainConfig
 from lverse.train.optim import weight_decay_groups
 
@@ -54,6 +57,8 @@ class Stage2Config:
     # (`sample.py --guidance`). Not in the paper: 0 there.
     text_dropout: float = 0.0
     init_from: str = ""            # warm start from BiART weights (file or run dir)
+    # Reconstruction-regularised finetuning (lverse.train.cycle; docs/reconstruction.md): absent = stage 2
+    cycle: CycleConfig | None = None
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             name="biart", precision="fp16-o2", betas=(0.9, 0.95), weight_decay=0.01, base_lr=4.5e-7
@@ -117,16 +122,22 @@ class Stage2Task(Task):
             raise ConfigError(f"t2i_share={cfg.t2i_share} must be in (0, 1) (directions=t2i or i2t train one direction)")
         if not 0.0 <= cfg.text_dropout < 1.0:
             raise ConfigError(f"text_dropout={cfg.text_dropout} must be in [0, 1)")
+        if cfg.cycle is not None:
+            cfg.cycle.check(cfg.directions, cfg.train.strategy)
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.dataset = TokenDataset(cfg.data.tokens)
         self.model = build_stage2_model(cfg, self.tokenizer, self.dataset)
         self.vocab = self.model.vocab
+        if cfg.cycle is not None and cfg.cycle.trainable == "query":
+            cycle.train_queries_only(self.model)
 
     def model_meta(self) -> dict[str, Any]:
         return {"kind": "biart", "config": to_dict(self.model.cfg)}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        if self.cfg.cycle is not None:
+            return cycle.param_groups(self.model, self.cfg.cycle, lambda: weight_decay_groups(self.model, weight_decay))
         return weight_decay_groups(self.model, weight_decay)
 
     def prepare(self, device: torch.device) -> None:
@@ -173,9 +184,21 @@ class Stage2Task(Task):
             parts = [(direction, (idx, seg))]
         from lverse.models.loss import nll_stats
 
-        with autocast():  # the loss without full logits (BiART.loss), through DDP/compile's wrapper
-            loss, stats = model(idx, seg, loss_weights=(self.cfg.ref_weight, self.cfg.gen_weight))
+        logits = None
+        if self.cfg.cycle is not None and cycle.reconstructs(self.cfg.cycle, direction):
+            with autocast():  # the cycle step reads the first pass's distributions: full logits
+                logits = model(idx, seg)
+            loss, stats = sequence_nll(logits, idx, seg, self.vocab, self.cfg.ref_weight, self.cfg.gen_weight,
+                                             self.model.cfg.modality_softmax)
+        else:
+            with autocast():  # the loss without full logits (BiART.loss), through DDP/compile's wrapper
+                loss, stats = model(idx, seg, loss_weights=(self.cfg.ref_weight, self.cfg.gen_weight))
+        if self.cfg.cycle is not None:  # direction is t2i or i2t (CycleConfig.check)
+            loss, extra = cycle.cycle_step(model, self.model, self.cfg.cycle, loss, logits, text, codes, direction,
+                                           autocast)
         logs = {"loss": loss.detach().item()}
+        if self.cfg.cycle is not None:
+            logs.update(extra)
         if len(parts) == 1:
             d = parts[0][0]
             logs[f"{d}/nll_text"] = float(stats["nll_text"])
