@@ -189,10 +189,9 @@ def create_app(model: Model, queue: JobQueue | None = None) -> FastAPI:
         job = find(job_id)
         data = job.files.get(name)
         if data is None and name.startswith("candidate-"):
-            # decoded on first request, beside the queue (the AugVAE decoder alone, one image)
+            # decoded when asked for, beside the queue (the AugVAE decoder alone, one image), and
+            # not kept: a job may have hundreds of candidates (the browser caches them)
             data = await asyncio.to_thread(model.candidate_png, job, name)
-            if data is not None:
-                job.files[name] = data
         if data is None:
             raise ApiError(404, f"job {job_id} has no file {name!r}")
         return Response(data, media_type="image/png")

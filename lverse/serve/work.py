@@ -198,6 +198,10 @@ class Model:
 
     # --- the work (in the queue's worker thread) -------------------------------------------
     def text_to_image(self, job: Job, prompt: str, req: Request, stage: str = "drawing images") -> dict[str, Any]:
+        return self._draw_images(job, prompt, req, stage)[0]
+
+    def _draw_images(self, job: Job, prompt: str, req: Request, stage: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The result, and the kept images as tensors (a round trip reads the best one back)."""
         n_draw = 1 if req.sampling.rerank == "none" else req.sampling.candidates
         job.begin(stage, req.keep * n_draw * self.pipe.image_len)
         watch = ImageWatch(self, job, n_draw, stage)
@@ -212,7 +216,6 @@ class Model:
         for r, im in enumerate(entry["images"]):
             name = f"image-{base + r}.png"
             job.files[name] = png(im["image"][None])
-            job.data.setdefault("images", []).append(im["image"])
             best = im["candidate"]
             images.append({"url": self.url(job, name), "seed": im["seed"], "candidate": best, "score": im["score"],
                            "scores": {k: float(v[best]) for k, v in im["scores"].items()}})
@@ -223,8 +226,9 @@ class Model:
         if entry["truncated"]:
             warning = (f"the prompt has {entry['tokens']} tokens; the model reads {self.pipe.text_len} including "
                        f"the end token: truncated")
-        return {"prompt": prompt, "tokens": entry["tokens"], "truncated": entry["truncated"], "warning": warning,
-                "images": images, "candidates": candidates, "settings": req.describe()}
+        result = {"prompt": prompt, "tokens": entry["tokens"], "truncated": entry["truncated"], "warning": warning,
+                  "images": images, "candidates": candidates, "settings": req.describe()}
+        return result, [im["image"] for im in entry["images"]]
 
     def image_to_text(self, job: Job, image: torch.Tensor, req: Request, stage: str = "drawing captions",
                       input_name: str = "input.png") -> dict[str, Any]:
@@ -237,8 +241,8 @@ class Model:
 
     def round_trip_text(self, job: Job, prompt: str, t2i: Request, i2t: Request) -> dict[str, Any]:
         """Text -> the best image -> its best caption (the caption should say the prompt again)."""
-        there = self.text_to_image(job, prompt, t2i, "1/2 drawing images")
-        back = self.image_to_text(job, job.data["images"][0], i2t, "2/2 drawing captions", input_name="image-0.png")
+        there, kept = self._draw_images(job, prompt, t2i, "1/2 drawing images")
+        back = self.image_to_text(job, kept[0], i2t, "2/2 drawing captions", input_name="image-0.png")
         return {"prompt": prompt, "image": there["images"][0], "caption": back["caption"],
                 "caption_score": back["score"], "text_to_image": there, "image_to_text": back}
 

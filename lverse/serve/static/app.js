@@ -184,11 +184,19 @@ function renderCaptions(result, box) {
   const table = document.createElement("table");
   table.className = "captions";
   const families = Object.keys(result.candidates[0]).filter((k) => !["caption", "raw"].includes(k));
-  table.innerHTML = `<tr><th>#</th><th>caption</th>${families.map((f) => `<th>${f}</th>`).join("")}</tr>`;
-  result.candidates.forEach((c, i) => {
+  table.innerHTML = `<tr><th>#</th><th>caption</th><th>drawn</th>${families.map((f) => `<th>${f}</th>`).join("")}</tr>`;
+  // Candidates come best first; the same caption drawn several times has the same scores, so it is
+  // shown once with how often it was drawn.
+  const rows = [];
+  for (const c of result.candidates) {
+    const last = rows[rows.length - 1];
+    if (last && last.c.caption === c.caption && last.c.score === c.score) last.n += 1;
+    else rows.push({ c, n: 1 });
+  }
+  rows.forEach(({ c, n }, i) => {
     const tr = document.createElement("tr");
     if (i >= 10) tr.hidden = true;
-    const cells = [String(i + 1), c.caption || "(empty)", ...families.map((f) => fmt(c[f]))];
+    const cells = [String(i + 1), c.caption || "(empty)", `×${n}`, ...families.map((f) => fmt(c[f]))];
     cells.forEach((text, j) => {
       const td = document.createElement("td");
       td.textContent = text;
@@ -198,11 +206,11 @@ function renderCaptions(result, box) {
     table.appendChild(tr);
   });
   right.append(best, table);
-  if (result.candidates.length > 10) {
+  if (rows.length > 10) {
     const more = document.createElement("button");
     more.type = "button";
     more.className = "cancel";
-    more.textContent = `Show all ${result.candidates.length} captions`;
+    more.textContent = `Show all ${rows.length} different captions`;
     more.onclick = () => { table.querySelectorAll("tr[hidden]").forEach((tr) => (tr.hidden = false)); more.remove(); };
     right.appendChild(more);
   }
