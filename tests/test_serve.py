@@ -24,8 +24,8 @@ from lverse.data.images import read_image  # noqa: E402
 from lverse.inference import LVersePipeline, image_to_text, load_reranker, text_to_image  # noqa: E402
 from lverse.inference.sampling import generate_images  # noqa: E402
 from lverse.serve.app import create_app  # noqa: E402
-from lverse.serve.jobs import JobQueue  # noqa: E402
-from lverse.serve.work import PREVIEWS, Limits, Model  # noqa: E402
+from lverse.serve.jobs import Job, JobQueue  # noqa: E402
+from lverse.serve.work import PREVIEW_STEPS, PREVIEWS, ImageWatch, Limits, Model  # noqa: E402
 from lverse.shapes.scenes import render, sample_scene  # noqa: E402
 
 PROMPT = "a small red circle above a large blue square"
@@ -84,12 +84,32 @@ def test_text_to_image_gives_the_inference_api_result(client: TestClient, model:
     for c in second:
         want = model.pipe.decode_images(codes[c["candidate"]][None])[0]
         assert np.array_equal(pixels(client.get(c["url"]).content), as_uint8(want))
-    # the previews: the first candidates every token row; the last one is the finished grid
+    # the previews: the first candidates every token row (8 per round here); the last is the finished grid
+    assert job["preview"].endswith(f"v={2 * PREVIEW_STEPS}")
     preview = pixels(client.get(job["preview"]).content)
     h = w = model.pipe.resolution
     first = model.pipe.decode_images(codes[:PREVIEWS])  # decoded together, as the preview is
     for i in range(PREVIEWS):
         assert np.array_equal(preview[2 : 2 + h, 2 + i * (w + 2) : 2 + i * (w + 2) + w], as_uint8(first[i]))
+
+
+def test_previews_show_the_rows_drawn_so_far(model: Model) -> None:
+    pipe = model.pipe
+    (h, w), r = model.grid, pipe.resolution
+    codes = generate_images(pipe.biart, pipe.encode_prompts([PROMPT])[0], 2, seed=0)[0]
+    job = Job("text-to-image", run=lambda j: {})
+    watch = ImageWatch(model, job, n_draw=2, stage="drawing images")
+    for t in range(1, pipe.image_len + 1):  # what the sampler hands over after each step
+        watch.partial(codes[:, :t] + pipe.vocab.image_start)
+        if t % w == 0:
+            shown = pixels(job.preview)
+            filled = torch.cat([codes[:, :t], model.filler[t:].expand(2, -1)], 1)
+            want = pipe.decode_images(filled)
+            want[:, :, (t // w) * r // h :] = 0.0  # undrawn rows grey (128 in the PNG)
+            for i in range(2):
+                assert np.array_equal(shown[2 : 2 + r, 2 + i * (r + 2) : 2 + i * (r + 2) + r], as_uint8(want[i]))
+    assert job.preview_version == h and len(watch.codes) == 1 and torch.equal(watch.codes[0], codes)
+    assert job.stage == "reranking"  # all candidates drawn: the reranker's turn
 
 
 def test_image_to_text_gives_the_inference_api_result(client: TestClient, model: Model, scene_png: Path) -> None:

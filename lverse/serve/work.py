@@ -235,8 +235,14 @@ class Model:
         n_draw = 1 if req.sampling.rerank == "none" else req.sampling.candidates
         job.begin(stage, n_draw * self.max_text_tokens)
         job.files.setdefault(input_name, png(image[None]))
+
+        def progress(rows: int) -> None:
+            job.tick(rows)
+            if job.tokens >= job.total:
+                job.stage = "reranking"
+
         res = image_to_text(self.pipe, image[None], req.sampling, req.seed, req.reranker, self.max_text_tokens,
-                            self.batch_size, job.tick)[0]
+                            self.batch_size, progress)[0]
         return {"input": self.url(job, input_name), **res, "settings": req.describe()}
 
     def round_trip_text(self, job: Job, prompt: str, t2i: Request, i2t: Request) -> dict[str, Any]:

@@ -100,7 +100,9 @@ class JobView {
       while (job.state === "queued" || job.state === "running") {
         this.show(job);
         await sleep(250);
-        job = await (await fetch(`/api/jobs/${job.id}`)).json();
+        const poll = await fetch(`/api/jobs/${job.id}`);
+        if (!poll.ok) { this.error((await poll.json()).error || poll.statusText); return; }
+        job = await poll.json();
       }
       this.show(job);
       if (job.state === "done") render(job.result, results, this);
