@@ -124,6 +124,13 @@ def test_the_page_draws_and_captions_in_chromium(server, tmp_path: Path) -> None
         if os.environ.get("LVERSE_SCREENSHOT"):
             browser.save_screenshot(os.environ["LVERSE_SCREENSHOT"])
 
+        # a setting out of bounds is refused by the server, whose message the page shows
+        field("#t2i", "keep").clear()
+        field("#t2i", "keep").send_keys("20")
+        browser.find_element(By.ID, "t2i-go").click()
+        error = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#t2i-job .error").text)
+        assert error == f"keep must be at most {model.limits.max_keep} on this server, got 20"
+
         # image -> text: a bad file gets the loader's message, a good one its caption
         browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=i2t]").click()
         browser.find_element(By.ID, "i2t-file").send_keys(str(bad))
