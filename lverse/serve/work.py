@@ -26,7 +26,7 @@ from lverse.files import to_uint8_grid
 from lverse.inference.defaults import DIRECTIONS, Sampling
 from lverse.inference.generate import DEFAULT_TEXT_TOKENS, Reranker, image_to_text, load_reranker, text_to_image
 from lverse.inference.pipeline import LVersePipeline
-from lverse.inference.rerank import RERANKERS
+from lverse.inference.rerank import EXAMPLES, RERANKERS, uses_clip
 from lverse.serve.jobs import Job
 
 PREVIEWS = 4  # candidates shown while they are drawn
@@ -145,7 +145,8 @@ class Model:
             "max_text_tokens": self.max_text_tokens,
             "has_clip": p.has_clip,
             "defaults": {d: dataclasses.asdict(p.defaults(d)) for d in DIRECTIONS},
-            "rerankers": [r for r in RERANKERS if p.has_clip or "clip" not in r],
+            # suggestions for the page (any '+' combination of families is accepted)
+            "rerankers": [r for r in dict.fromkeys((*RERANKERS, *EXAMPLES)) if p.has_clip or not uses_clip(r)],
             "limits": {**dataclasses.asdict(self.limits), "max_upload_bytes": self.limits.max_upload_bytes},
         }
 
