@@ -8,7 +8,8 @@ Random tokens at the config's text and image lengths and batch size, so no data 
 times ``--rounds`` rounds of ``--steps`` steps after a warm-up and prints the fastest and the
 median milliseconds per step (a shared VM's noise makes the minimum the steadier figure), the
 samples per second, and a JSON line. Training alternates the two directions; their sequences
-have the same length, so the step times here use text->image rows.
+have the same length, so the step times here use text->image rows. For the comparison with a
+plain GPT of the same size, see bench/train_throughput.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from lverse.config import load_config
 from lverse.inference.pipeline import resolve_device
-from lverse.models.biart import BiART, sequence_nll
+from lverse.models.biart import BiART
 from lverse.train.stage2 import Stage2Config
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,9 +54,8 @@ def main() -> None:
     dtype = DTYPES[args.precision]
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(idx, seg)
-        loss, _ = sequence_nll(logits, idx, seg, v, cfg.ref_weight, cfg.gen_weight)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # stage 2's loss path
+            loss, _ = model(idx, seg, loss_weights=(cfg.ref_weight, cfg.gen_weight))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
