@@ -79,9 +79,13 @@ def benchmark(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
-                           t2i_guidance=args.guidance, t2i_temperature=args.image_temperature, directions=directions,
-                           reconstruct_samples=args.reconstruct_samples)
+    try:
+        report = run_benchmark(pipe, args.n, args.candidates, args.seed, args.rerankers.split(","), args.batch_size,
+                               t2i_guidance=args.guidance, t2i_temperature=args.image_temperature,
+                               directions=directions, reconstruct_samples=args.reconstruct_samples)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -181,6 +181,8 @@ def run_benchmark(
     clip = ClipReranker(pipe.clip()[0], pipe.device) if use_clip else None
     cycle = CycleReranker(pipe.biart, batch_size)
     rebuild = None
+    if any(o == "sbert" for _, o in atoms.values()) and "image_to_text" in directions:
+        raise ValueError("reconstruct:sbert compares captions: it reranks text->image only (--directions text_to_image)")
     if any(f == "reconstruct" for f, _ in atoms.values()):
         extra = {}
         if any(o == "sbert" for _, o in atoms.values()):  # the evaluation's SBERT (lverse[eval])
