@@ -65,9 +65,21 @@ def default_generator(device: torch.device) -> torch.Generator:
 _COMPILED: dict[str | None, Callable[..., torch.Tensor]] = {}
 
 
-def _static_step(model: BiART, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor, tok: torch.Tensor,
+class _Layers:
+    """Keys and values as one tensor per layer. Views of the one 5-D cache tensor would make a
+    compiled step copy the whole cache twice per step (a write into a view of a graph input is
+    made functional); separate tensors are written in place."""
+
+    def __init__(self, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        self.ks, self.vs = ks, vs
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ks[i], self.vs[i]
+
+
+def _static_step(model: BiART, ks: list[torch.Tensor], vs: list[torch.Tensor], seg: torch.Tensor, tok: torch.Tensor,
                  pos: torch.Tensor, span: tuple[int, int], restrict: bool) -> torch.Tensor:
-    h = model.hidden(tok[:, None], seg, cache=KVCache(k, v), start_pos=pos)
+    h = model.hidden(tok[:, None], seg, cache=_Layers(ks, vs), start_pos=pos)  # type: ignore[arg-type]
     return span_logits(model, h[:, -1], span, restrict)
 
 
@@ -86,10 +98,11 @@ def single_token_step(
         _COMPILED[mode] = torch.compile(_static_step, mode=mode, dynamic=False)
     compiled = _COMPILED[mode]
     pos_t = torch.zeros((), dtype=torch.long, device=cache.k.device)
+    ks, vs = [k.clone() for k in cache.k.unbind(0)], [v.clone() for v in cache.v.unbind(0)]  # the prefill's
 
     def step(tok: torch.Tensor, pos: int) -> torch.Tensor:
         pos_t.fill_(pos)  # a host value written into a device scalar: no sync
         # .clone(): a CUDA graph's output buffer is overwritten by the next replay
-        return compiled(model, cache.k, cache.v, seg, tok, pos_t, span, restrict).clone()
+        return compiled(model, ks, vs, seg, tok, pos_t, span, restrict).clone()
 
     return step
