@@ -136,7 +136,8 @@ def memory_of(args: argparse.Namespace, variant: str, precision: str, threads: i
     cmd = [sys.executable, __file__, "--one", variant, "--precision", precision, "--threads", str(threads),
            "--layers", str(args.layers),
            "--width", str(args.width), "--heads", str(args.heads), "--batch", str(args.batch),
-           "--image-len", str(args.image_len), "--text-len", str(args.text_len), "--device", args.device]
+           "--image-len", str(args.image_len), "--text-len", str(args.text_len), "--device", args.device,
+           "--image-codes", str(args.image_codes), "--text-tokens", str(args.text_tokens)]
     cmd += ["--no-optimizer"] if args.no_optimizer else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--text-len", type=int, default=64)
     p.add_argument("--image-len", type=int, default=1024)
+    p.add_argument("--image-codes", type=int, default=8192, help="image vocabulary (the Shapes BiART: 512)")
+    p.add_argument("--text-tokens", type=int, default=49408, help="text vocabulary (the Shapes BiART: 600)")
     p.add_argument("--precision", default="", help="comma list of fp32,bf16,fp16,fp16-o2 (default: fp32,bf16 on "
                    "a CPU, bf16,fp16-o2 on a GPU)")
     p.add_argument("--compile", default="off", help="comma list of off,on: torch.compile every model")
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.paper:
         args.layers, args.width, args.heads, args.batch = 32, 1024, 16, 8
     device = benchlib.device_of(args.device)
-    cfg = BiARTConfig(text_len=args.text_len, image_len=args.image_len, n_layer=args.layers, n_head=args.heads,
+    cfg = BiARTConfig(num_image_codes=args.image_codes, num_text_tokens=args.text_tokens,
+                      text_len=args.text_len, image_len=args.image_len, n_layer=args.layers, n_head=args.heads,
                       n_embd=args.width, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     precisions = (args.precision or ("bf16,fp16-o2" if device.type == "cuda" else "fp32,bf16")).split(",")
 
