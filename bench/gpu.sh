@@ -20,7 +20,9 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench-out}}"
 mkdir -p "$OUT_DIR/logs"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# $PYTHON if set, else the checkout's .venv if there is one, else python on the PATH
 PY="${PYTHON:-python}"
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 TINY="${LVERSE_BENCH_TINY:-0}"
 [ "$TINY" = "0" ] && TINY=""
 
@@ -31,7 +33,7 @@ print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 EOF
 )
 if [ -n "$missing" ]; then
-  echo "error: missing Python modules: $missing (see the wheel instructions at the top of bench/gpu.sh)" >&2
+  echo "error: $PY lacks the Python modules: $missing (set PYTHON=..., or see the wheel instructions at the top of bench/gpu.sh)" >&2
   exit 2
 fi
 if [ -z "$TINY" ]; then
@@ -66,13 +68,13 @@ step() {  # step NAME LIMIT_SECONDS ARGS...: run one benchmark, log it, keep goi
 # The limits add up to 470 s: with Python's start-ups the whole script stays under 8 minutes.
 # Training: BiART (chunked loss), BiART with full logits, the GPT reference, bf16 and fp16-o2;
 # then BiART through torch.compile in bf16 (compiling 32 layers takes most of that step's time).
-step train 95 bench/train_throughput.py $TRAIN --precision bf16,fp16-o2
+step train 90 bench/train_throughput.py $TRAIN --precision bf16,fp16-o2
 step train_compile 125 bench/train_throughput.py $TRAIN --precision bf16 --compile on --variants biart
 # Sampling: 64 candidates of 1024 tokens, the references and the draws; then the compiled step.
 step sampling 100 bench/sampling.py $SAMPLE
-step sampling_compile 100 bench/sampling.py $SAMPLE --uncached-batch 0 --compile-step
+step sampling_compile 90 bench/sampling.py $SAMPLE --uncached-batch 0 --compile-step
 # AugVAE-SL: encode, decode, train, per precision and memory format.
-step augvae 50 bench/augvae.py $AUG --precision bf16,fp16
+step augvae 65 bench/augvae.py $AUG --precision bf16,fp16
 
 "$PY" bench/summarize.py "$OUT_DIR" || status=1
 echo "summaries: $OUT_DIR/summary.md, $OUT_DIR/summary.json"
