@@ -14,10 +14,10 @@ from lverse.inference.rerank import (
     ClipReranker,
     CycleReranker,
     LikelihoodReranker,
+    check_reranker,
     combine_scores,
     conditional_logprob,
     parse_reranker,
-    resolve_reranker,
     uses_clip,
     without_clip,
     zscore,
@@ -303,7 +303,5 @@ def test_zscore_and_combine() -> None:
     assert torch.allclose(comb, za + zscore(b))
     # scaling one score set does not change the fused result (units do not matter)
     assert torch.allclose(combine_scores([a * 100, b]), comb, atol=1e-5)
-    assert resolve_reranker(None, True) == "clip"
-    assert resolve_reranker(None, False) == "cycle"
     with pytest.raises(ValueError, match="unknown reranker"):
-        resolve_reranker("dino", True)
+        check_reranker("dino")

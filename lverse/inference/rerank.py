@@ -1,6 +1,6 @@
 """Rerankers: pick the best of many sampled candidates.
 
-Three families, each with its own name, combined with ``+`` (DESIGN section 5.3):
+Three families, each with its own name, combined with ``+`` (docs/design.md, section 5.3):
 
 * **clip** (L-Verse section 3.6, after DALL-E): score = cosine similarity of CLIP's image and
   text embeddings. :class:`ClipReranker` wraps any open_clip model; the weights come from a
@@ -352,13 +352,6 @@ def combine_scores(scores: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([zscore(s) for s in scores]).sum(0)
 
 
-def resolve_reranker(name: str | None, has_clip: bool) -> str:
-    """``None`` -> ``clip`` when a CLIP is available, else ``cycle``; checks explicit choices."""
-    if name is None:
-        return "clip" if has_clip else "cycle"
-    return check_reranker(name)
-
-
 def without_clip(mode: str) -> str:
     """``mode`` usable without a CLIP: its ``clip`` parts dropped, ``reconstruct:clip`` as plain
     ``reconstruct``; ``cycle`` when nothing is left (what the defaults fall back to)."""
@@ -386,5 +379,4 @@ __all__ = [
     "ClipReranker",
     "zscore",
     "combine_scores",
-    "resolve_reranker",
 ]
