@@ -311,6 +311,18 @@ def test_shapes_protocol_adds_caption_metrics(tmp_path) -> None:
     assert all(len(r) >= 3 for r in refs)  # every phrasing of the scene
     assert "Caption metrics" in shapes_markdown(rep) and (tmp_path / "results.json").is_file()
 
+    # image->text only (what the caption metrics need): the same captions and scores as the run of
+    # both directions, at a fraction of the cost; any reranker name of sample.py is taken
+    from lverse.cli.evaluate import main
+
+    out = tmp_path / "one"
+    argv = ["shapes", "--device", "cpu", "--n", "2", "--candidates", "2", "--metrics", "BLEU-4,CIDEr", "--out", str(out)]
+    assert main(argv + ["--rerankers", "none,cycle", "--directions", "image_to_text"]) == 0
+    one = json.loads((out / "report.json").read_text())
+    assert "text_to_image" not in one and one["image_to_text"] == rep["image_to_text"]
+    assert one["caption_metrics"]["by_reranker"] == rep["caption_metrics"]["by_reranker"]
+    assert main(argv[:-1] + [str(tmp_path / "bad"), "--rerankers", "none,reconstruct:nope"]) == 1
+
 
 def test_recon_protocol_on_a_folder(tmp_path, random_inception) -> None:
     from PIL import Image

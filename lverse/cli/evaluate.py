@@ -128,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle(p), _common(p, "shapes")
     p.add_argument("--n", type=int, default=500, help="test scenes (default 500)")
     p.add_argument("--candidates", type=int, default=None, help="candidates per item (default 64)")
-    p.add_argument("--rerankers", default=None, help="comma list (default: none,clip,cycle,clip+cycle)")
+    p.add_argument("--rerankers", default=None,
+                   help="comma list (default: none,clip,cycle,clip+cycle); any of sample.py's --rerank, e.g. reconstruct:clip")
+    p.add_argument("--directions", default="image_to_text,text_to_image",
+                   help="comma subset of image_to_text,text_to_image (default both): caption metrics need image_to_text only")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"caption metrics, comma list of {','.join(METRICS)}")
     p.add_argument("--corenlp", default=None, help=corenlp)
     return ap
@@ -341,15 +344,23 @@ def _shapes(args: argparse.Namespace, t0: float) -> int:
     from lverse.eval.captions import METRICS, require_java
     from lverse.eval.run import RunDir
     from lverse.inference.pipeline import LVersePipeline
-    from lverse.shapes.benchmark import CANDIDATES, RERANKERS
+    from lverse.eval.run import EvalError
+    from lverse.inference.rerank import RerankerError, check_reranker
+    from lverse.shapes.benchmark import CANDIDATES, DIRECTIONS, RERANKERS
     from lverse.shapes.evaluate import shapes_markdown, shapes_protocol
 
     metrics = _list(args.metrics, METRICS, "--metrics")
-    rerankers = _list(args.rerankers, RERANKERS, "--rerankers") if args.rerankers else list(RERANKERS)
+    directions = _list(args.directions, DIRECTIONS, "--directions")
+    rerankers = [r.strip() for r in (args.rerankers or ",".join(RERANKERS)).split(",") if r.strip()]
+    try:
+        for r in rerankers or [""]:
+            check_reranker(r)
+    except RerankerError as e:
+        raise EvalError(f"--rerankers {args.rerankers!r}: {e}") from None
     require_java()
     pipe = LVersePipeline.load(args.checkpoint, device=args.device, precision=args.precision)
     report = shapes_protocol(pipe, RunDir(args.out), args.n, args.candidates or CANDIDATES, args.seed, rerankers,
-                             args.batch_size, metrics, args.corenlp, args.precision)
+                             args.batch_size, metrics, args.corenlp, args.precision, directions=directions)
     print(shapes_markdown(report))
     print(f"[evaluate] wrote {args.out / 'report.json'} and report.md", file=sys.stderr)
     return 0

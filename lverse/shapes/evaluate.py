@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from lverse.eval.captions import METRICS, coco_results, score_captions
 from lverse.eval.run import RunDir, bundle_identity, environment, log
 from lverse.inference.pipeline import LVersePipeline
-from lverse.shapes.benchmark import CANDIDATES, RERANKERS, markdown_table, run_benchmark
+from lverse.shapes.benchmark import CANDIDATES, DIRECTIONS, RERANKERS, markdown_table, run_benchmark
 from lverse.shapes.scenes import ShapesDataset, phrasings
 
 BUNDLE_FILES = ("augvae.safetensors", "biart.safetensors", "tokenizer.json", "clip.safetensors", "sampling.json")
@@ -41,24 +41,28 @@ def shapes_protocol(
     corenlp: str | None = None,
     precision: str = "fp32",
     log_fn: Callable[[str], None] = log,
+    directions: Sequence[str] = DIRECTIONS,
 ) -> dict[str, Any]:
     """Run the benchmark and score every reranker's captions; writes report.json, report.md and
-    results.json (the default reranker's captions) into ``run``."""
+    results.json (the default reranker's captions) into ``run``. ``directions``: as the
+    benchmark's; the caption metrics need ``image_to_text`` only (without it none are scored)."""
     run.open("shapes", {"bundle": bundle_identity(pipe.path, BUNDLE_FILES), "n": n, "candidates": candidates,
                         "seed": seed, "rerankers": list(rerankers), "batch_size": batch_size,
-                        "device_type": pipe.device.type, "precision": precision})
+                        "device_type": pipe.device.type, "precision": precision,
+                        **({} if list(directions) == list(DIRECTIONS) else {"directions": list(directions)})})
     done = run.root / "report.json"
     if done.is_file():  # the benchmark draws everything at once: a finished run is only read back
         log_fn(f"[evaluate] {done} exists with these settings: nothing to draw")
         return json.loads(done.read_text("utf-8"))
     t0 = time.time()
     picks: dict[str, Any] = {}
-    report = run_benchmark(pipe, n, candidates, seed, rerankers, batch_size, log=log_fn, picks=picks)
+    report = run_benchmark(pipe, n, candidates, seed, rerankers, batch_size, log=log_fn, picks=picks,
+                           directions=directions)
     refs = references(n, seed, pipe.resolution)
     ids = [f"shapes/test/{i}" for i in range(n)]
     default = report["settings"]["image_to_text"]["rerank"]
     measured = [r for r in report["rerankers"] if f"captions/{r}" in picks]
-    written = default if default in measured else next((r for r in measured if r != "none"), measured[0])
+    written = default if default in measured else next((r for r in measured if r != "none"), measured[0] if measured else None)
     scored: dict[str, Any] = {}
     impl: dict[str, str] = {}
     skipped: dict[str, str] = {}
