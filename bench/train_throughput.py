@@ -103,8 +103,8 @@ def build(variant: str, cfg: BiARTConfig, precision: str, device: torch.device, 
         idx = torch.cat([text, v.image_to_global(codes), text[:, :2]], 1)
     prec = build_precision(precision, device)
     prec.prepare_model(model)
-    opt = prec.build_optimizer([{"params": list(model.parameters())}], lr=1e-4, betas=(0.9, 0.95),
-                               **({"fused": True} if device.type == "cuda" and precision != "fp16-o2" else {}))
+    # fused AdamW on a GPU: lverse.train.precision's rule, the same for BiART and the GPT
+    opt = prec.build_optimizer([{"params": list(model.parameters())}], lr=1e-4, betas=(0.9, 0.95))
     fwd = torch.compile(model) if compile_ else model
 
     def step() -> None:

@@ -76,6 +76,34 @@ def test_resume_reaches_same_weights_as_unbroken_run(tmp_path: Path) -> None:
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+def test_channels_last_trains_the_same_model_and_resumes(tmp_path: Path) -> None:
+    """``channels_last: true``: the AugVAE's convolutions train in NHWC memory (other kernels,
+    the same arithmetic up to rounding); the weights it saves are ordinary contiguous tensors,
+    and a resumed run equals an unbroken one exactly."""
+    plain, _ = fit(tiny_cfg(tmp_path / "a", max_steps=4))
+    cfg = tiny_cfg(tmp_path / "b", max_steps=4)
+    cfg.channels_last = True
+    nhwc, res = fit(cfg)
+    convs = [p for p in nhwc.task.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    # the same losses, and weights within half an Adam step (lr 2e-3) of each other: rounding
+    # differences flip the sign of a few near-zero gradients, which Adam turns into whole steps
+    la, lb = (read_metrics(tmp_path / d) for d in ("a", "b"))
+    assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], rel=1e-4)
+    a, b = _weights(plain), _weights(nhwc)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-3, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+    saved = AugVAE.load(resolve_weights(res["run_dir"])).state_dict()
+    assert all(torch.equal(saved[k], b[k].contiguous()) for k in saved)
+    cfg8 = tiny_cfg(tmp_path / "b", max_steps=8)
+    cfg8.channels_last = True
+    resumed, _ = fit(cfg8, resume=str(tmp_path / "b"))
+    cfg_full = tiny_cfg(tmp_path / "c", max_steps=8)
+    cfg_full.channels_last = True
+    full, _ = fit(cfg_full)
+    assert all(torch.equal(v, _weights(resumed)[k]) for k, v in _weights(full).items())
+
+
 class _SignalledTask(Stage1Task):
     def training_step(self, model, batch, step, autocast):  # type: ignore[override]
         if step == 2:

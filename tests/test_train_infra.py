@@ -506,3 +506,35 @@ def test_a_checkpoint_at_an_epoch_end_resumes_into_the_next_epoch(tmp_path: Path
                       lambda: _LinearTask(), resume=tmp_path / "b")
     resumed.fit()
     assert all(torch.equal(a, b) for a, b in zip(full.task.model.parameters(), resumed.task.model.parameters()))
+
+
+def test_tf32_is_switched_for_cuda_devices_only() -> None:
+    """``train.tf32`` (default true) sets torch's fp32 matmul/convolution precision for a CUDA
+    device (the flags need no GPU to be set), and leaves them alone on a CPU."""
+    from lverse.train.precision import set_tf32
+
+    m, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (m.fp32_precision, conv.fp32_precision)
+    try:
+        m.fp32_precision = conv.fp32_precision = "ieee"
+        assert not set_tf32(torch.device("cpu"), True) and (m.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        build_precision("fp32", torch.device("cuda"))
+        assert (m.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        build_precision("bf16", torch.device("cuda", 0), tf32=False)
+        assert (m.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert from_dict(TrainConfig, {"tf32": False}).tf32 is False and TrainConfig().tf32 is True
+    finally:
+        m.fp32_precision, conv.fp32_precision = before
+
+
+def test_fused_adamw_on_cuda_and_callers_may_pass_fused() -> None:
+    """On a CUDA device the optimizer is fused AdamW unless the caller passes ``fused`` itself
+    (bench/train_throughput.py did, and the two ``fused`` arguments raised a TypeError: the GPU
+    benchmark would have failed at its first step). CPU tensors take fused AdamW too, so this
+    runs without a GPU."""
+    p = nn.Parameter(torch.ones(3))
+    opt = build_precision("fp32", torch.device("cuda")).build_optimizer([{"params": [p]}], lr=1e-3)
+    assert opt.defaults["fused"] is True
+    opt = build_precision("bf16", torch.device("cuda")).build_optimizer([{"params": [p]}], lr=1e-3, fused=False)
+    assert not opt.defaults["fused"]
+    assert not build_precision("fp32", torch.device("cpu")).build_optimizer([{"params": [p]}], lr=1e-3).defaults["fused"]

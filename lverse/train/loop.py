@@ -230,7 +230,7 @@ class Trainer:
         task.model.to(device)
         task.prepare(device)
         self.strategy = build_strategy(cfg.strategy, self.info, cfg.precision)
-        self.precision = build_precision(self.strategy.precision(cfg.precision), device)
+        self.precision = build_precision(self.strategy.precision(cfg.precision), device, cfg.tf32)
         self.precision.prepare_model(task.model)
         model = self.strategy.wrap(task.model)
         if cfg.compile:

@@ -57,8 +57,10 @@ class Precision:
         return model
 
     def build_optimizer(self, param_groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(param_groups, fused=fused, **kwargs) if fused else torch.optim.AdamW(param_groups, **kwargs)
+        # fused AdamW (one kernel for all tensors) on a GPU unless the caller says otherwise
+        if self.device.type == "cuda":
+            kwargs.setdefault("fused", True)
+        return torch.optim.AdamW(param_groups, **kwargs)
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Weights to save: fp32 values (the master weights in fp16-o2)."""
@@ -281,8 +283,27 @@ class FP16O2(Precision):
         self.good_steps = int(state.get("good_steps", 0))
 
 
-def build_precision(name: str, device: torch.device) -> Precision:
+def set_tf32(device: torch.device, enabled: bool) -> bool:
+    """On a CUDA device, let fp32 matmuls and convolutions run in TF32 (``enabled``) or in full
+    IEEE fp32. TF32 keeps fp32's range with a 10-bit mantissa in the products, several times
+    faster on tensor cores (Ampere and later); PyTorch leaves it off for matmuls by default.
+    Process-wide, as torch's flags are; returns whether anything was set (not on a CPU)."""
+    if device.type != "cuda":
+        return False
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the new API only (mixing raises)
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+    return True
+
+
+def build_precision(name: str, device: torch.device, tf32: bool = True) -> Precision:
+    """``tf32``: see :func:`set_tf32` (what fp32 means on a CUDA device; CPUs are untouched)."""
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {PRECISIONS}")
+    set_tf32(device, tf32)
     # fp16 on a CPU works but is slow: allowed, for tests and smoke runs.
     return {"fp32": Precision, "bf16": BF16, "fp16": FP16Autocast, "fp16-o2": FP16O2}[name](device)

@@ -16,7 +16,7 @@ from lverse.train.schedule import SCHEDULES
 
 # settings a ``--resume`` may change (lverse.train.rundir): they change neither the model, the
 # data nor the optimizer's state, only how long, how fast and how visibly the run goes on
-RESUMABLE = ("lr", "base_lr", "max_steps", "max_epochs", "log_every", "image_every", "ckpt_every", "keep_last",
+RESUMABLE = ("lr", "base_lr", "tf32", "max_steps", "max_epochs", "log_every", "image_every", "ckpt_every", "keep_last",
              "progress", "tensorboard", "num_workers", "threads", "max_bad_steps", "bad_items_in_a_row",
              "bad_share_warn", "bad_share_stop")
 
@@ -28,6 +28,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: str = "fp32"           # fp32 | bf16 | fp16 | fp16-o2
+    # on a CUDA GPU, fp32 matmuls and convolutions (all of fp32, and what autocast leaves in
+    # fp32) run in TF32: several times faster on tensor cores; false = full IEEE fp32
+    tf32: bool = True
     batch_size: int = 8               # per process (per GPU)
     grad_accum: int = 1
     max_steps: int = 1000

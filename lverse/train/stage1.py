@@ -46,6 +46,10 @@ class Stage1Config:
     # conv, connectors, decoders); the encoders, pre-quant conv and codebook are frozen, so an
     # image's token ids stay exactly what they were and a BiART trained on them stays valid.
     trainable: str = "all"
+    # the AugVAE, LPIPS and the images in channels-last (NHWC) memory: convolutions read pixels
+    # with their channels together. 1-18% faster on a CPU (docs/benchmarks.md, bench/augvae.py);
+    # off by default until the GPU benchmark has measured it (the same weights, other kernels)
+    channels_last: bool = False
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(name="augvae"))
@@ -130,8 +134,13 @@ class Stage1Task(Task):
 
     def prepare(self, device: torch.device) -> None:
         self.device = device
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        if self.cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # in place: the parameters keep their identity
         if self.cfg.loss.lpips_weight > 0:
             self.lpips = build_lpips(self.cfg.loss.vgg_weights or None, self.cfg.loss.lpips_random_backbone).to(device)
+            if self.cfg.channels_last:
+                self.lpips.to(memory_format=torch.channels_last)
 
     def train_dataset(self) -> Any:
         return _image_dataset(self.cfg.data, train=True)
@@ -140,7 +149,7 @@ class Stage1Task(Task):
         return collate_images(items)
 
     def training_step(self, model: nn.Module, batch: dict[str, Any], step: int, autocast: Callable) -> tuple[torch.Tensor, dict[str, float]]:
-        x = batch["image"].to(self.device, non_blocking=True)
+        x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with autocast():
             out = model(x)
         recon = out.recon.float()
