@@ -26,12 +26,19 @@ PY="${PYTHON:-python}"
 TINY="${LVERSE_BENCH_TINY:-0}"
 [ "$TINY" = "0" ] && TINY=""
 
-missing=$("$PY" - <<'EOF'
-import importlib
+if ! command -v "$PY" > /dev/null; then
+  echo "error: no Python interpreter '$PY' here (set PYTHON=/path/to/python with PyTorch and CUDA)" >&2
+  exit 2
+fi
+if ! missing=$("$PY" - <<'EOF'
+import importlib.util
 mods = ["torch", "numpy", "yaml", "safetensors", "PIL", "tokenizers", "ftfy", "regex", "tqdm"]
 print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 EOF
-)
+); then
+  echo "error: $PY could not check its modules (see above)" >&2
+  exit 2
+fi
 if [ -n "$missing" ]; then
   echo "error: $PY lacks the Python modules: $missing (set PYTHON=..., or see the wheel instructions at the top of bench/gpu.sh)" >&2
   exit 2
@@ -44,7 +51,7 @@ if [ -z "$TINY" ]; then
   DEV=cuda
   TRAIN="--paper --rounds 5"
   SAMPLE="--paper --batch 64"
-  AUG="--paper --batch 64 --rounds 3"
+  AUG="--paper --batch 64 --train-batch 8 --rounds 3"
 else
   DEV=cpu
   TRAIN="--layers 2 --width 64 --heads 2 --image-len 64 --text-len 16 --rounds 2"
@@ -72,7 +79,7 @@ step train 90 bench/train_throughput.py $TRAIN --precision bf16,fp16-o2
 step train_compile 125 bench/train_throughput.py $TRAIN --precision bf16 --compile on --variants biart
 # Sampling: 64 candidates of 1024 tokens, the references and the draws; then the compiled step.
 step sampling 100 bench/sampling.py $SAMPLE
-step sampling_compile 90 bench/sampling.py $SAMPLE --uncached-batch 0 --compile-step
+step sampling_compile 90 bench/sampling.py $SAMPLE --uncached-batch 0 --compile-step --runs compiled_step
 # AugVAE-SL: encode, decode, train, per precision and memory format.
 step augvae 65 bench/augvae.py $AUG --precision bf16,fp16
 

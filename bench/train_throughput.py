@@ -209,13 +209,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for comp in args.compile.split(","):
                 steps, peak_mem = {}, {}
                 for v in variants:
-                    if device.type == "cuda":
+                    base = 0
+                    if device.type == "cuda":  # the variant's own peak: the others' models stay allocated
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
+                        base = torch.cuda.memory_allocated(device)
                     steps[v], _ = build(v, cfg, precision, device, args.batch, comp == "on")
                     steps[v]()
                     if device.type == "cuda":
-                        peak_mem[v] = torch.cuda.max_memory_allocated(device) / 2**20
+                        peak_mem[v] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                _ = None  # the last model goes with its step below, not after the next build
                 times = benchlib.interleaved(steps, device, args.rounds)
                 steps.clear()
                 row: dict[str, Any] = {"precision": precision, "compile": comp, "threads": n_threads,

@@ -510,21 +510,26 @@ def test_a_checkpoint_at_an_epoch_end_resumes_into_the_next_epoch(tmp_path: Path
 
 def test_tf32_is_switched_for_cuda_devices_only() -> None:
     """``train.tf32`` (default true) sets torch's fp32 matmul/convolution precision for a CUDA
-    device (the flags need no GPU to be set), and leaves them alone on a CPU."""
+    device (the flags need no GPU to be set), and leaves them alone on a CPU; the legacy and the
+    new flags agree afterwards (reading the legacy ones raised after setting only the new)."""
     from lverse.train.precision import set_tf32
 
-    m, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = (m.fp32_precision, conv.fp32_precision)
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     try:
-        m.fp32_precision = conv.fp32_precision = "ieee"
-        assert not set_tf32(torch.device("cpu"), True) and (m.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        assert not set_tf32(torch.device("cpu"), True)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("highest", False)
         build_precision("fp32", torch.device("cuda"))
-        assert (m.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cuda.matmul.allow_tf32
         build_precision("bf16", torch.device("cuda", 0), tf32=False)
-        assert (m.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("highest", False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
         assert from_dict(TrainConfig, {"tf32": False}).tf32 is False and TrainConfig().tf32 is True
     finally:
-        m.fp32_precision, conv.fp32_precision = before
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def test_fused_adamw_on_cuda_and_callers_may_pass_fused() -> None:

@@ -99,6 +99,12 @@ def single_token_step(
     compiled = _COMPILED[mode]
     pos_t = torch.zeros((), dtype=torch.long, device=cache.k.device)
     ks, vs = [k.clone() for k in cache.k.unbind(0)], [v.clone() for v in cache.v.unbind(0)]  # the prefill's
+    if mode is not None:
+        # The step writes into these buffers (index_copy_): a CUDA graph replays only if torch
+        # knows their addresses stay put; otherwise it skips graphs for "mutated inputs". New
+        # buffers (the next decode call) re-record the graph, they do not recompile.
+        for t in ks + vs:
+            torch._dynamo.mark_static_address(t)
 
     def step(tok: torch.Tensor, pos: int) -> torch.Tensor:
         pos_t.fill_(pos)  # a host value written into a device scalar: no sync

@@ -290,13 +290,11 @@ def set_tf32(device: torch.device, enabled: bool) -> bool:
     Process-wide, as torch's flags are; returns whether anything was set (not on a CPU)."""
     if device.type != "cuda":
         return False
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the new API only (mixing raises)
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    # The legacy setters: they keep torch's legacy and new TF32 states consistent. Setting only
+    # the new ``fp32_precision`` makes every later read of the legacy flags raise, and Inductor
+    # (torch.compile) still reads them on some versions (pytorch/pytorch#166387).
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
     return True
 
 
