@@ -407,7 +407,8 @@ class BiART(nn.Module):
         """Next-token NLL of both parts of full sequences (:func:`~lverse.models.loss.sequence_nll`'s
         values and gradients), with the head run only where a target counts and never over the
         whole batch at once (:func:`~lverse.models.loss.head_nll`)."""
-        h = self.hidden(idx, segments)
+        # The last position predicts nothing: causal attention lets the others run without it.
+        h = self.hidden(idx[:, :-1], segments[:, :-1])
         return head_nll(h, self.head.weight, idx, segments, self.vocab, ref_weight, gen_weight, self.cfg.modality_softmax)
 
     # --- sequences ------------------------------------------------------------------------

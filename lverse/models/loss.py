@@ -51,12 +51,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hc, tc = h[s : s + chunk].to(dtype), targets[s : s + chunk, None]
                 rw = row_weights[s : s + chunk, None]
                 logits = (hc @ w.t()).float()  # the only (rows, V) tensor, one chunk at a time
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                nll[s : s + chunk] = (lse - logits.gather(1, tc)).squeeze(1)
+                # One exponential pass serves the loss and its gradient: exp(logits - max), written
+                # over the logits, gives the log-sum-exp (max + log of its sum) and, divided by
+                # that sum, the softmax (torch.logsumexp and then a softmax would take two).
+                top_logit = logits.amax(dim=-1, keepdim=True)
+                target_logit = logits.gather(1, tc)
+                e = logits.sub_(top_logit).exp_()
+                z = e.sum(dim=-1, keepdim=True)
+                nll[s : s + chunk] = (top_logit - target_logit + z.log()).squeeze(1)
                 if need_h or need_w:
-                    # d nll / d logits = softmax - onehot, written over the logits; the row weights
-                    # scale the (rows, C) products below rather than this (rows, V) one.
-                    g = logits.sub_(lse).exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=logits.dtype)).to(dtype)
+                    # d nll / d logits = softmax - onehot, in place; the row weights scale the
+                    # (rows, C) products below rather than this (rows, V) one.
+                    g = e.div_(z).scatter_add_(1, tc, torch.full_like(tc, -1, dtype=e.dtype)).to(dtype)
                     if need_h:
                         grad_h[s : s + chunk] = (g @ w).float().mul_(rw)
                     if need_w:
@@ -201,7 +207,7 @@ def head_nll(
     modality_softmax: bool = False,
     chunk: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`sequence_nll` from the final hidden states ``h`` ``(B, T, C)`` and the head's
+    """:func:`sequence_nll` from the final hidden states ``h`` ``(B, T, C)`` or ``(B, T-1, C)`` and the head's
     ``weight`` ``(V, C)``: the head runs only at positions whose target counts, a chunk of rows at
     a time (:func:`lverse.models.loss.linear_cross_entropy`), so no full logits exist. The stats
     add ``token_nll`` ``(B, T-1)`` (0 where not counted), for splitting them by rows."""
@@ -210,7 +216,7 @@ def head_nll(
     n_ref, n_gen = (valid & (tseg == REF)).sum(), (valid & (tseg == GEN)).sum()
     # Each target's share of the loss: the part's weight over the part's count (a mean per part).
     w = torch.where(tseg == REF, ref_weight / n_ref.clamp(min=1), gen_weight / n_gen.clamp(min=1)).float()
-    hs = h[:, :-1]
+    hs = h[:, : idx.shape[1] - 1]  # h may stop there already (BiART.loss): the last position predicts nothing
     nll = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
     if modality_softmax:
         spans = [(is_img, vocab.image_start, vocab.text_start), (is_txt, vocab.text_start, vocab.special_start)]
