@@ -24,6 +24,7 @@ same figure for all three), and peak memory (CUDA: ``max_memory_allocated``; CPU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -94,6 +95,8 @@ def build(variant: str, cfg: BiARTConfig, precision: str, device: torch.device, 
     codes = torch.randint(0, cfg.num_image_codes, (batch, cfg.image_len), device=device)
     if variant == "gpt":
         model: nn.Module = RefGPT(v.size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
+    elif variant == "biart_modality":  # model.modality_softmax: each target's softmax over its own modality
+        model = BiART(dataclasses.replace(cfg, modality_softmax=True))
     else:
         model = BiART(cfg)
     model.to(device).train()
@@ -111,7 +114,7 @@ def build(variant: str, cfg: BiARTConfig, precision: str, device: torch.device, 
         with prec.autocast():
             if variant == "gpt":
                 loss = fwd(idx[:, :-1], idx[:, 1:])
-            elif variant == "biart":
+            elif variant in ("biart", "biart_modality"):
                 loss, _ = fwd(idx, seg, loss_weights=(1.0, 1.0))
             else:
                 loss, _ = sequence_nll(fwd(idx, seg), idx, seg, v)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "a CPU, bf16,fp16-o2 on a GPU)")
     p.add_argument("--compile", default="off", help="comma list of off,on: torch.compile every model")
     p.add_argument("--threads", default="", help="comma list of CPU thread counts (default: torch's)")
-    p.add_argument("--variants", default="biart,biart_logits,gpt")
+    p.add_argument("--variants", default="biart,biart_logits,gpt",
+                   help="comma list of biart, biart_logits (full logits), biart_modality (modality_softmax), gpt")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--memory", action="store_true", help="CPU: also peak memory per variant (a process each); "
