@@ -218,11 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
                         base = torch.cuda.memory_allocated(device)
-                    steps[v], _ = build(v, cfg, precision, device, args.batch, comp == "on")
+                    steps[v] = build(v, cfg, precision, device, args.batch, comp == "on")[0]  # the step holds its model
                     steps[v]()
                     if device.type == "cuda":
                         peak_mem[v] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-                _ = None  # the last model goes with its step below, not after the next build
                 times = benchlib.interleaved(steps, device, args.rounds)
                 steps.clear()
                 row: dict[str, Any] = {"precision": precision, "compile": comp, "threads": n_threads,

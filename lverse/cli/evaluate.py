@@ -342,9 +342,8 @@ def _recon(args: argparse.Namespace, shard: Any, info: dict[str, Any], t0: float
 
 def _shapes(args: argparse.Namespace, t0: float) -> int:
     from lverse.eval.captions import METRICS, require_java
-    from lverse.eval.run import RunDir
+    from lverse.eval.run import EvalError, RunDir
     from lverse.inference.pipeline import LVersePipeline
-    from lverse.eval.run import EvalError
     from lverse.inference.rerank import RerankerError, check_reranker
     from lverse.shapes.benchmark import CANDIDATES, DIRECTIONS, RERANKERS
     from lverse.shapes.evaluate import shapes_markdown, shapes_protocol

@@ -135,12 +135,12 @@ class Stage1Task(Task):
     def prepare(self, device: torch.device) -> None:
         self.device = device
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        if self.cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # in place: the parameters keep their identity
         if self.cfg.loss.lpips_weight > 0:
             self.lpips = build_lpips(self.cfg.loss.vgg_weights or None, self.cfg.loss.lpips_random_backbone).to(device)
-            if self.cfg.channels_last:
-                self.lpips.to(memory_format=torch.channels_last)
+        if self.cfg.channels_last:  # in place: the parameters keep their identity
+            for m in (self.model, self.lpips):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
 
     def train_dataset(self) -> Any:
         return _image_dataset(self.cfg.data, train=True)
