@@ -103,7 +103,7 @@ def benchmark(argv: list[str] | None = None) -> int:
 def train_clip(argv: list[str] | None = None) -> int:
     from lverse.cli.train import resolve_resume_dir
     from lverse.config import ConfigError, load_config
-    from lverse.dist import cleanup
+    from lverse.dist import cleanup, leave
     from lverse.shapes.clip_train import ClipTrainConfig
     from lverse.shapes.clip_train import train_clip as run
 
@@ -120,9 +120,9 @@ def train_clip(argv: list[str] | None = None) -> int:
         result = run(cfg, resume=resume)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return leave(2)
     if not result.stopped:
         cleanup()  # under torchrun: leave the process group together (see lverse.cli.train)
     if result.model is not None:  # rank 0 of a finished run
         print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}, indent=2))
-    return 0
+    return leave(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lverse.config import ConfigError, load_config
-from lverse.dist import cleanup
+from lverse.dist import cleanup, leave
 from lverse.train.guard import RunError
 from lverse.train.loop import Task, TrainConfig, Trainer
 
@@ -60,6 +60,12 @@ def run_stage(
                          "run_dir); 'auto' with --config: resume the config's run if it has a checkpoint, else start it")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 train.lr=1e-4")
     args = ap.parse_args(argv)
+    # Under torchrun every path ends in leave(): see lverse.dist.leave for why.
+    return leave(_run(args, config_cls, make_task, describe))
+
+
+def _run(args: argparse.Namespace, config_cls: type[C], make_task: Callable[[C], Task],
+         describe: Callable[[C], dict[str, Any]]) -> int:
     try:
         config_path = args.config
         if args.resume == "auto" and not config_path:
