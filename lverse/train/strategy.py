@@ -13,6 +13,7 @@ checkpoint can be written at all (a single process only). The same pattern as :m
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -66,6 +67,10 @@ class SingleProcess:
         return gathered
 
 
+_FORWARD_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+    nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+
+
 class DDP(SingleProcess):
     name = "ddp"
     can_crash_save = False  # see SingleProcess
@@ -77,10 +82,13 @@ class DDP(SingleProcess):
             for t in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(t.data, src=0)
         device = self.info.device
-        # broadcast_buffers=False: the quantizer keeps its EMA codebook in sync by all-reducing
-        # its statistics; a broadcast from rank 0 would hide a missing all-reduce.
+        # No buffer broadcast in forward: the quantizer keeps its EMA codebook in sync by
+        # all-reducing its statistics; a broadcast from rank 0 would hide a missing all-reduce.
+        # (torch 2.14 renamed broadcast_buffers to forward_sync_buffers, which still syncs at
+        # init: harmless, the buffers were just broadcast above.)
+        no_sync = {_FORWARD_SYNC: False}
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
 
     def sync_gradients(self, wrapped: nn.Module, last: bool) -> contextlib.AbstractContextManager:
