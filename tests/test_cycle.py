@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from ranks import free_port, rank_env
 from test_stage2_training import cfg_for, tiny_sl
 
 from lverse.config import ConfigError
@@ -209,7 +210,7 @@ def test_cycle_trains_in_reduced_precision(tokens: tuple[Path, Path], tmp_path: 
 
 
 def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str, cyc: dict) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(rank, port))
     torch.set_num_threads(1)
     cfg = cfg_for(Path(tokens), Path(tok), Path(run_dir), max_steps=4, batch_size=2, strategy="ddp")
     cfg.model.n_layer = 1
@@ -224,9 +225,8 @@ def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str,
 def test_two_ddp_processes_hold_identical_weights(tokens: tuple[Path, Path], tmp_path: Path) -> None:
     """DDP with two passes per step, one of them through detached weights (freeze: second)."""
     import torch.multiprocessing as mp
-    from test_stage2_training import _free_port
 
-    mp.spawn(_worker, args=(_free_port(), *map(str, tokens), str(tmp_path / "ddp"), str(tmp_path), {"freeze": "second"}),
+    mp.spawn(_worker, args=(free_port(), *map(str, tokens), str(tmp_path / "ddp"), str(tmp_path), {"freeze": "second"}),
              nprocs=2, join=True)
     a, b = torch.load(tmp_path / "r0.pt", weights_only=True), torch.load(tmp_path / "r1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

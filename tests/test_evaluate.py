@@ -246,6 +246,35 @@ def test_captions_resume_regenerates_nothing_and_extends(tmp_path, capsys) -> No
     assert "refusing to resume" in capsys.readouterr().err
 
 
+@needs_java
+def test_two_ranks_draw_what_one_process_draws(tmp_path) -> None:
+    # docs/evaluation.md: rank r draws the chunks k with k % world == r, each seeded from its chunk,
+    # and rank 0 scores; so the captions and the scores are those of one process
+    import os
+    import subprocess
+    import sys
+
+    from ranks import free_port, rank_env
+
+    base = ["captions", "--data", "shapes", "--n", "4", "--candidates", "2", "--batch-size", "2", "--device", "cpu",
+            "--no-progress", "--metrics", "BLEU-4,CIDEr"]
+    assert _eval(base + ["--out", str(tmp_path / "one")]) == 0
+    port, root = free_port(), str(Path(__file__).resolve().parent.parent)
+    code = "import sys; from lverse.cli.evaluate import main; raise SystemExit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, *base, "--out", str(tmp_path / "two")],
+                              env={**os.environ, **rank_env(r, port), "OMP_NUM_THREADS": "1", "PYTHONPATH": root},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for r in (0, 1):  # one item per chunk here: rank r drew the items k with k % 2 == r
+        lines = (two / f"captions.rank{r}.jsonl").read_text().splitlines()
+        assert sorted(json.loads(x)["index"] for x in lines) == [r, r + 2]
+    assert json.loads((two / "results.json").read_text()) == json.loads((one / "results.json").read_text())
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert r2["metrics"] == r1["metrics"] and json.loads((two / "manifest.json").read_text())["info"]["world_size"] == 2
+
+
 def test_t2i_draws_images_once_and_scores_clip(tmp_path) -> None:
     from lverse.eval import generation
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 from torch import nn
+from ranks import free_port, rank_env
 
 import lverse.shapes  # noqa: F401  (registers data.kind=shapes)
 from lverse.cli.train import train_augvae, train_biart
@@ -371,12 +371,6 @@ def test_a_bundle_with_corrupted_biart_weights_names_the_file(tmp_path: Path, mo
 
 
 # --- 7. torchrun restarts resume; one trainer per run directory --------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 KILLER = """
 import os, signal, sys, threading, time
 from pathlib import Path
@@ -392,7 +386,7 @@ raise SystemExit(train_augvae(sys.argv[2:]))
 
 
 def _reference_worker(rank: int, port: int, config: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(rank, port))
     os._exit(train_augvae(["--config", config]))  # it leaves by itself (lverse.dist.leave); in case not
 
 
@@ -401,7 +395,7 @@ def test_torchrun_restart_after_a_killed_rank_resumes_to_the_unbroken_weights(tm
     if not Path(torchrun).is_file():
         pytest.skip("torchrun is not installed next to this Python")
     try:
-        _free_port()
+        free_port()
     except OSError as e:
         pytest.skip(f"no TCP port on 127.0.0.1 for torchrun's rendezvous: {e}")
     cfgs = {}
@@ -411,7 +405,7 @@ def test_torchrun_restart_after_a_killed_rank_resumes_to_the_unbroken_weights(tm
     (tmp_path / "killer.py").write_text(KILLER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     cmd = [torchrun, "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(tmp_path / "killer.py"), str(tmp_path / "job"),
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(tmp_path / "killer.py"), str(tmp_path / "job"),
            "--config", str(cfgs["job"]), "--resume", "auto"]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -419,7 +413,7 @@ def test_torchrun_restart_after_a_killed_rank_resumes_to_the_unbroken_weights(tm
         pytest.fail("torchrun did not finish within 240 s")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and "exitcode: -9" in p.stderr  # it did die, and did resume
-    mp.start_processes(_reference_worker, args=(_free_port(), str(cfgs["ref"])), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_reference_worker, args=(free_port(), str(cfgs["ref"])), nprocs=2, join=True, start_method="fork")
     assert same_weights(ckpt_weights(tmp_path / "job", 10), ckpt_weights(tmp_path / "ref", 10))
 
 
@@ -441,10 +435,9 @@ def test_a_distributed_run_ends_without_the_interpreter_teardown(tmp_path: Path)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(stage1_cfg(tmp_path / "run", max_steps=2))))
     (tmp_path / "leaver.py").write_text(LEAVER)
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "leaver.py"), str(tmp_path), "--config", str(cfg)],
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                              env={**os.environ, **rank_env(r, port), "OMP_NUM_THREADS": "1",
                                    "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=240) for p in procs]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from ranks import free_port, rank_env
 
 import lverse.shapes  # noqa: F401  (registers data.kind=shapes, also in spawned workers)
 from lverse.cli.train import train_augvae as stage1_main
@@ -234,15 +234,8 @@ def test_describe_paper_sizes() -> None:
     assert sl["token_grids"] == [[32, 32]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(rank, port, world))
     torch.set_num_threads(1)
     cfg = tiny_cfg(Path(run_dir), max_steps=4)
     trainer = Trainer(cfg.train, lambda: Stage1Task(cfg), full_config=cfg)
@@ -254,7 +247,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
 def test_two_gloo_processes_keep_identical_weights_and_codebook(tmp_path: Path) -> None:
     # fork: the workers inherit the imported torch and lverse (spawned ones import them again,
     # which was most of this test's time)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port, rank_env
 
 import lverse.shapes  # noqa: F401  (registers data.kind=shapes, also in spawned workers)
 from lverse.cli.train import train_biart as stage2_main
@@ -237,14 +237,8 @@ def test_encode_cli_writes_tokens_and_leaves_the_process_group(tmp_path: Path, m
     assert calls == [1, 1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str, strategy: str = "ddp") -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(rank, port))
     torch.set_num_threads(1)
     cfg = cfg_for(Path(tokens), Path(tok), Path(run_dir), max_steps=4, grad_accum=2, batch_size=4, strategy=strategy,
                   grad_clip=1.0, average="mean", average_start=2)
@@ -267,7 +261,7 @@ def _worker(rank: int, port: int, tokens: str, tok: str, run_dir: str, out: str,
 
 def test_two_gloo_processes_hold_identical_weights(shapes_tokens: tuple[Path, Path], tmp_path: Path) -> None:
     tokens, tok = shapes_tokens
-    mp.spawn(_worker, args=(_free_port(), str(tokens), str(tok), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tokens), str(tok), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "ddp_r0.pt", weights_only=True)
     b = torch.load(tmp_path / "ddp_r1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -276,7 +270,7 @@ def test_two_gloo_processes_hold_identical_weights(shapes_tokens: tuple[Path, Pa
     assert all(torch.equal(a_avg[k], b_avg[k]) for k in a_avg)  # replicas keep the same weight average
     assert any(not torch.equal(a_avg[k], a[k]) for k in a_avg)
     # FSDP (sharded weights, grads and optimizer state) trains the same model as DDP
-    mp.spawn(_worker, args=(_free_port(), str(tokens), str(tok), str(tmp_path / "fsdp"), str(tmp_path), "fsdp"),
+    mp.spawn(_worker, args=(free_port(), str(tokens), str(tok), str(tmp_path / "fsdp"), str(tmp_path), "fsdp"),
              nprocs=2, join=True)
     f = torch.load(tmp_path / "fsdp_r0.pt", weights_only=True)
     assert f.keys() == a.keys()

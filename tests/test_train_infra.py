@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from ranks import free_port, rank_env
 
 from lverse.config import ConfigError, dump_yaml, from_dict, load_config, parse_overrides
 from lverse.files import load_weights, save_weights
@@ -349,14 +349,8 @@ def test_time_limit_ends_the_run_with_the_schedule_finished(tmp_path: Path) -> N
     assert again["step"] == res["step"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _time_limit_worker(rank: int, port: int, run_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(rank, port))
     torch.set_num_threads(1)
     cfg = _time_limited(Path(run_dir), time_limit_minutes=0.02)
     res = Trainer(cfg, lambda: _LinearTask(delay=0.002 if rank == 0 else 0.02)).fit()
@@ -368,7 +362,7 @@ def _time_limit_worker(rank: int, port: int, run_dir: str, out: str) -> None:
 def test_time_limit_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
     """Ranks with different clocks (here: one rank 10x slower per step) still agree when the
     time is up; a rank that stopped alone would leave the other waiting in an all-reduce."""
-    mp.spawn(_time_limit_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_time_limit_worker, args=(free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
     steps = [int((tmp_path / f"steps{r}").read_text()) for r in range(2)]
     assert steps[0] == steps[1] >= 1
 

@@ -36,6 +36,7 @@ import torch
 
 import lverse
 from lverse.data.images import derive_seed
+from lverse.dist import barrier
 from lverse.files import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -112,11 +113,6 @@ class Shard:
 
     def suffix(self) -> str:
         return "" if self.world == 1 else f".rank{self.rank}"
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def chunks(n: int, size: int) -> list[range]:
