@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from ranks import free_port, rank_env
 
 from lverse.eval import captions as capmod
 from lverse.eval.captions import coco_results, find_corenlp, require_java, score_captions
@@ -250,12 +254,6 @@ def test_captions_resume_regenerates_nothing_and_extends(tmp_path, capsys) -> No
 def test_two_ranks_draw_what_one_process_draws(tmp_path) -> None:
     # docs/evaluation.md: rank r draws the chunks k with k % world == r, each seeded from its chunk,
     # and rank 0 scores; so the captions and the scores are those of one process
-    import os
-    import subprocess
-    import sys
-
-    from ranks import free_port, rank_env
-
     base = ["captions", "--data", "shapes", "--n", "4", "--candidates", "2", "--batch-size", "2", "--device", "cpu",
             "--no-progress", "--metrics", "BLEU-4,CIDEr"]
     assert _eval(base + ["--out", str(tmp_path / "one")]) == 0

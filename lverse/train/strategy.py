@@ -86,9 +86,8 @@ class DDP(SingleProcess):
         # all-reducing its statistics; a broadcast from rank 0 would hide a missing all-reduce.
         # (torch 2.14 renamed broadcast_buffers to forward_sync_buffers, which still syncs at
         # init: harmless, the buffers were just broadcast above.)
-        no_sync = {_FORWARD_SYNC: False}
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+            model, device_ids=[device.index] if device.type == "cuda" else None, **{_FORWARD_SYNC: False}
         )
 
     def sync_gradients(self, wrapped: nn.Module, last: bool) -> contextlib.AbstractContextManager:
